@@ -1,0 +1,3 @@
+"""Distributed, training-free model merging (TSV, Iso-C/Iso-CTS and baselines) on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,254 @@
+"""The driver: validate, plan, run shards on an executor, assemble the output atomically.
+
+The driver holds headers, plans and manifests, never tensors: every tensor is read, merged and
+written by the shard that owns it (`merge.run_shard`). The output directory appears only when
+complete (`StagedOutput`), with an index, the base's `config.json` and a `merge_report.json`
+that says what was done, with what, how fast, and which numerical fallbacks were needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from .checkpoints import StagedOutput, check_compatible, open_checkpoint
+from .checkpoints.reader import Checkpoint
+from .checkpoints.storage import is_uri, open_range_reader
+from .config import MergeConfig
+from .errors import InputError
+from .executors import make_executor
+from .merge import (Fault, MergeSettings, ShardJob, run_shard, shard_digit_histograms,
+                    shard_sign_total, uses_matrix_math)
+from .methods import get_method
+from .methods import ties as ties_math
+from .plan import (MergeUnit, OutputMode, PlannedFile, build_units, file_names, pack_shards,
+                   plan_files)
+
+# Shards per worker: more, smaller shards balance better and give the progress bar something
+# to count; fewer re-open the checkpoints less often.
+SHARDS_PER_WORKER = 4
+INDEX_NAMES = {"model": "model.safetensors.index.json",
+               "task_vector": "task_vector.safetensors.index.json",
+               "compressed": "tsv_c.safetensors.index.json"}
+
+
+def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) -> dict[str, Any]:
+    """Merge as `config` says and return the merge report (also written to the output)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    config.validate()
+    method = get_method(config.method)
+    params = method.resolve_params(config.params)
+    num_tasks = len(config.finetuned)
+    mode: OutputMode = "compressed" if method.kind == "compress" else config.output  # type: ignore
+    alpha = method.alpha_for(num_tasks, config.alpha) if mode == "model" else 1.0
+    _check_paths(config)
+
+    t0 = time.perf_counter()
+    base = open_checkpoint(config.base)
+    tuned = [open_checkpoint(path) for path in config.finetuned]
+    try:
+        specs = check_compatible(base, tuned)
+    finally:
+        for ckpt in [base, *tuned]:
+            ckpt.close()
+    compute_dtype = {"float32": "F32", "float64": "F64"}[config.compute_dtype]
+    files = plan_files(specs, method, num_tasks, mode=mode, compute_dtype=compute_dtype,
+                       fuse_qkv=config.fuse_qkv, exclude=config.exclude,
+                       max_file_bytes=config.max_shard_bytes)
+    timings["validate_and_plan"] = time.perf_counter() - t0
+
+    if executor is None:
+        executor = make_executor(config.engine, config.address, config.workers, config.threads,
+                                 config.device, config.gpus_per_task)
+    shards = pack_shards(files, executor.workers * SHARDS_PER_WORKER)
+    settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
+                             exclude=tuple(config.exclude), compute_dtype=compute_dtype,
+                             device=executor.device, threads=config.threads)
+
+    with StagedOutput(config.out, overwrite=config.overwrite) as out:
+        jobs = [ShardJob(shard, base.location, tuple(c.location for c in tuned), settings,
+                         out.path, fault=fault) for shard in shards]
+        inputs = None
+        if config.hash_inputs:
+            t0 = time.perf_counter()
+            inputs = _describe_inputs(executor, base, tuned)
+            timings["hash_inputs"] = time.perf_counter() - t0
+        statistics: dict[str, Any] = {}
+        if method.kind == "global":
+            t0 = time.perf_counter()
+            statistics = _ties_statistics(executor, jobs, files, num_tasks, params["k"],
+                                          compute_dtype)
+            timings["global_statistics"] = time.perf_counter() - t0
+            jobs = [ShardJob(j.shard, j.base, j.finetuned, j.settings, j.out_dir, statistics,
+                             j.fault) for j in jobs]
+        t0 = time.perf_counter()
+        manifests = executor.map(run_shard, [(job,) for job in jobs], desc=f"merge {method.name}")
+        timings["merge"] = time.perf_counter() - t0
+
+        written = _write_index(out, mode, files, manifests)
+        if mode == "compressed":
+            units = build_units(specs, config.fuse_qkv)
+            out.write_json("tsv_c.json", _artefact_meta(units, settings, config))
+        if mode == "model" and base.config_location and not is_uri(base.config_location):
+            shutil.copyfile(base.config_location, out.file("config.json"))
+        timings["total"] = time.perf_counter() - t_start
+        report = _report(config, method.name, params, alpha, mode, statistics, inputs,
+                         executor, shards, manifests, written, timings)
+        out.write_json("merge_report.json", report)
+        out.commit()
+    return report
+
+
+def _check_paths(config: MergeConfig) -> None:
+    seen: dict[str, str] = {}
+    for path in [config.base, *config.finetuned]:
+        real = path if is_uri(path) else os.path.realpath(path)
+        if real in seen:
+            raise InputError(f"{path}: given twice (as {seen[real]!r} too); each task needs its "
+                             f"own fine-tuned checkpoint")
+        seen[real] = path
+    out = os.path.realpath(config.out)
+    for path in [config.base, *config.finetuned]:
+        if is_uri(path):
+            continue
+        real = os.path.realpath(path)
+        if out == real or out.startswith(real.rstrip(os.sep) + os.sep) or \
+                real.startswith(out.rstrip(os.sep) + os.sep):
+            raise InputError(f"{config.out}: the output overlaps the input {path}; "
+                             f"choose another output directory")
+
+
+def hash_file(location: str, chunk: int = 16 << 20) -> dict[str, Any]:
+    """Size and sha256 of one input file, read in bounded chunks."""
+    reader = open_range_reader(location)
+    digest = hashlib.sha256()
+    try:
+        for offset in range(0, reader.size, chunk):
+            digest.update(reader.read_range(offset, min(chunk, reader.size - offset)))
+    finally:
+        reader.close()
+    return {"path": location, "size": reader.size, "sha256": digest.hexdigest()}
+
+
+def _describe_inputs(executor, base: Checkpoint, tuned: Sequence[Checkpoint]) -> dict[str, Any]:
+    checkpoints = [base, *tuned]
+    paths = [f for c in checkpoints for f in c.files]
+    hashes = iter(executor.map(hash_file, [(p,) for p in paths], desc="hash inputs"))
+    described = [{"location": c.location, "files": [next(hashes) for _ in c.files]}
+                 for c in checkpoints]
+    for c in described:
+        c["size"] = sum(f["size"] for f in c["files"])
+    return {"base": described[0], "finetuned": described[1:]}
+
+
+def _ties_statistics(executor, jobs: list[ShardJob], files: list[PlannedFile], num_tasks: int,
+                     k: float, compute_dtype: str) -> dict[str, Any]:
+    """TIES' global per-task thresholds (exact radix select) and majority sign."""
+    import torch
+    num_params = sum(u.numel for f in files for u in f.units if u.is_float)
+    dtype = {"F32": torch.float32, "F64": torch.float64}[compute_dtype]
+    select = ties_math.RadixSelect(num_tasks, ties_math.kept_rank(num_params, k), dtype)
+    while not select.done:
+        calls = [(job, select.level, list(select.prefixes)) for job in jobs]
+        for histograms in executor.map(shard_digit_histograms, calls,
+                                       desc=f"ties threshold {select.level + 1}/{select.levels}"):
+            select.add(histograms)
+        select.advance()
+    thresholds = select.thresholds().tolist()
+    with_thresholds = [ShardJob(j.shard, j.base, j.finetuned, j.settings, j.out_dir,
+                                {"thresholds": thresholds}) for j in jobs]
+    totals = executor.map(shard_sign_total, [(job,) for job in with_thresholds],
+                          desc="ties majority sign")
+    return {"thresholds": thresholds, "majority_sign": int(np.sign(sum(totals))),
+            "num_params": num_params}
+
+
+def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
+                 manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    written = sorted((f for m in manifests for f in m["files"]), key=lambda f: f["name"])
+    expected = sorted(f.name for f in files)
+    if [f["name"] for f in written] != expected:
+        raise RuntimeError(f"shards wrote {[f['name'] for f in written]}, planned {expected}")
+    if len(files) > 1 or files[0].name != file_names(1, mode)[0]:
+        weight_map = {key: f["name"] for f in written for key in f["tensors"]}
+        total = sum(math.prod(t["shape"]) * _itemsize(t["dtype"])
+                    for f in written for t in f["tensors"].values())
+        out.write_json(INDEX_NAMES[mode], {"metadata": {"total_size": total},
+                                           "weight_map": dict(sorted(weight_map.items()))})
+    return [{k: f[k] for k in ("name", "size", "sha256")} | {"tensors": len(f["tensors"])}
+            for f in written]
+
+
+def _artefact_meta(units: list[MergeUnit], settings: MergeSettings, config: MergeConfig
+                   ) -> dict[str, Any]:
+    """How to rebuild each stored key from a TSV-C artefact (see `tsv_c_artefact`)."""
+    described = {}
+    for u in units:
+        kind = "matrix" if uses_matrix_math(settings, u) else "whole" if u.is_float else "copy"
+        described[u.name] = {"sources": list(u.sources), "rows": list(u.rows), "kind": kind}
+    return {"num_tasks": len(config.finetuned), "finetuned": list(config.finetuned),
+            "base": config.base, "compute_dtype": settings.compute_dtype,
+            "units": dict(sorted(described.items()))}
+
+
+def _itemsize(dtype: str) -> int:
+    from .checkpoints.safetensors_io import dtype_size
+    return dtype_size(dtype)
+
+
+def library_versions() -> dict[str, str]:
+    import pyarrow
+    import safetensors
+    import torch
+    versions = {"pipeline": __version__, "python": platform.python_version(),
+                "torch": torch.__version__, "safetensors": safetensors.__version__,
+                "pyarrow": pyarrow.__version__, "numpy": np.__version__}
+    if "ray" in sys.modules:
+        versions["ray"] = sys.modules["ray"].__version__
+    return versions
+
+
+def _report(config: MergeConfig, method: str, params: dict, alpha: float, mode: str,
+            statistics: dict, inputs: dict | None, executor, shards, manifests, written,
+            timings: dict[str, float]) -> dict[str, Any]:
+    numerics = [e for m in manifests for e in m["numerics"]]
+    return {
+        "run_id": uuid.uuid4().hex,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": method,
+        "params": params,
+        "alpha": alpha if mode == "model" else None,
+        "alpha_grid": list(get_method(method).alpha_grid),
+        "output": mode,
+        "num_tasks": len(config.finetuned),
+        "options": {"exclude": list(config.exclude), "compute_dtype": config.compute_dtype,
+                    "threads": config.threads, "fuse_qkv": config.fuse_qkv,
+                    "max_shard_size": config.max_shard_size},
+        "statistics": statistics,
+        "inputs": inputs or {"base": {"location": config.base},
+                             "finetuned": [{"location": p} for p in config.finetuned]},
+        "outputs": written,
+        "versions": library_versions(),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "engine": {**executor.info(), "host": platform.node(),
+                   "shards": [{"index": s.index, "files": [f.name for f in s.files],
+                               "units": m["units"], "cost_estimate_s": m["cost_estimate_s"],
+                               "node": m["node"], "pid": m["pid"], "device": m["device"],
+                               "bytes_read": m["bytes_read"], "seconds": m["seconds"],
+                               "svd_calls": m["svd_calls"]}
+                              for s, m in zip(shards, manifests)]},
+        "numerics": {"fallbacks": numerics,
+                     "svd_seconds": round(sum(m["seconds"]["svd"] for m in manifests), 4),
+                     "svd_calls": sum(m["svd_calls"] for m in manifests)},
+    }

@@ -1,0 +1,28 @@
+"""Error types that separate the user's mistakes from our failures.
+
+The CLI maps `InputError` to exit code 2 with a one-line message, because a bad path or a
+mismatched checkpoint is something the user fixes, not a crash to debug. Ray retries never
+re-run an `InputError`: retrying cannot fix the input.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class InputError(PipelineError):
+    """The inputs or options are wrong: missing file, mismatched keys, NaN, bad parameter."""
+
+
+class CorruptFileError(InputError):
+    """A checkpoint file is truncated or its header lies about its contents."""
+
+
+class OutputError(PipelineError):
+    """Writing the output failed (full disk, permissions); nothing was left at the destination."""
+
+
+class TransientError(PipelineError):
+    """A failure worth retrying (flaky storage, an injected fault in tests)."""

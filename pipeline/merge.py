@@ -1,0 +1,222 @@
+"""The work of one shard: read its own tensors, merge them, write its files, report a manifest.
+
+This function is the whole worker. The in-process path calls it in a loop and the Ray engine
+calls it as a task; both therefore produce the same bytes. It is idempotent: every file is
+written under a temporary name and renamed, so a retried shard simply rewrites its files.
+Only a small JSON-able manifest goes back to the driver, never tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .checkpoints.reader import Checkpoint, open_checkpoint
+from .checkpoints.safetensors_io import DTYPES, write_stream
+from .errors import InputError, TransientError
+from .methods import compress_key, get_method, is_matrix_key, merge_key, numerics_log
+from .methods import ties as ties_math
+from .plan import MergeUnit, OutputMode, Shard
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Everything about *how* to merge that every shard must agree on."""
+
+    method: str
+    params: dict[str, Any]
+    alpha: float
+    mode: OutputMode = "model"
+    exclude: tuple[str, ...] = ("text_projection",)
+    compute_dtype: str = "F32"
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault to inject once (tests of retries): 'raise' a transient error or 'exit' the
+    worker process mid-shard. The marker file makes it fire only on the first attempt."""
+
+    shard: int
+    kind: str
+    marker: str
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    shard: Shard
+    base: str
+    finetuned: tuple[str, ...]
+    settings: MergeSettings
+    out_dir: str
+    statistics: dict[str, Any] = field(default_factory=dict)
+    fault: Fault | None = None
+
+
+@dataclass
+class _Counters:
+    bytes_read: int = 0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+
+
+def _prepare(settings: MergeSettings) -> torch.device:
+    # Thread count changes SVD bits; Ray reuses workers, so set it on every call.
+    torch.set_num_threads(settings.threads)
+    return torch.device(settings.device)
+
+
+def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.Tensor:
+    start = time.perf_counter()
+    parts = [ckpt.read(key) for key in unit.sources]
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if unit.is_float and not bool(torch.isfinite(tensor).all()):
+        bad = next(k for k, p in zip(unit.sources, parts) if not bool(torch.isfinite(p).all()))
+        raise InputError(f"{ckpt.location}: key {bad!r} contains NaN or Inf")
+    counters.bytes_read += tensor.numel() * tensor.element_size()
+    counters.read_s += time.perf_counter() - start
+    return tensor
+
+
+def iter_unit_deltas(job: ShardJob, counters: _Counters, floats_only: bool = False
+                     ) -> Iterator[tuple[MergeUnit, torch.Tensor, torch.Tensor | None]]:
+    """(unit, base tensor, stacked task vectors in the compute dtype on the compute device)
+    for every unit of the shard, in plan order; task vectors are None for integer buffers."""
+    device = _prepare(job.settings)
+    compute = DTYPES[job.settings.compute_dtype]
+    base = open_checkpoint(job.base)
+    tuned = [open_checkpoint(path) for path in job.finetuned]
+    try:
+        for planned in job.shard.files:
+            for unit in planned.units:
+                if not unit.is_float:
+                    if not floats_only:
+                        yield unit, _read_unit(base, unit, counters), None
+                    continue
+                theta0 = _read_unit(base, unit, counters)
+                theta0_c = theta0.to(device=device, dtype=compute)
+                deltas = torch.stack([_read_unit(c, unit, counters).to(device=device,
+                                                                       dtype=compute) - theta0_c
+                                      for c in tuned])
+                yield unit, theta0_c, deltas
+    finally:
+        for ckpt in [base, *tuned]:
+            ckpt.close()
+
+
+def _unit_outputs(job: ShardJob, unit: MergeUnit, theta0: torch.Tensor,
+                  deltas: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    settings = job.settings
+    method = get_method(settings.method)
+    if deltas is None:  # integer buffer: copied from the base
+        return dict(zip(unit.sources, theta0.split(list(unit.rows)))) if unit.shape else \
+            {unit.sources[0]: theta0}
+    if settings.mode == "compressed":
+        parts = compress_key(method, unit.name, deltas, settings.params, settings.exclude)
+        return {f"{unit.name}::{name}": t.cpu() for name, t in parts.items()}
+    statistics = {}
+    if method.kind == "global":
+        statistics = {"thresholds": torch.tensor(job.statistics["thresholds"],
+                                                 dtype=deltas.dtype, device=deltas.device),
+                      "majority_sign": job.statistics["majority_sign"]}
+    tau = merge_key(method, unit.name, deltas, settings.params, settings.exclude, statistics)
+    if settings.mode == "model":
+        tau = (theta0 + settings.alpha * tau).to(DTYPES[unit.dtype])
+    tau = tau.cpu()
+    if not unit.shape:
+        return {unit.sources[0]: tau}
+    return dict(zip(unit.sources, tau.split(list(unit.rows))))
+
+
+def run_shard(job: ShardJob) -> dict[str, Any]:
+    """Merge one shard and write its files into `job.out_dir`; return its manifest."""
+    started = time.perf_counter()
+    counters = _Counters()
+    files = []
+    with numerics_log() as log:
+        units = iter_unit_deltas(job, counters)
+        for planned in job.shard.files:
+            outputs: dict[str, torch.Tensor] = {}
+            for _ in planned.units:
+                unit, theta0, deltas = next(units)
+                t0 = time.perf_counter()
+                outputs.update(_unit_outputs(job, unit, theta0, deltas))
+                counters.compute_s += time.perf_counter() - t0
+            _maybe_fail(job)
+            t0 = time.perf_counter()
+            written = write_stream(os.path.join(job.out_dir, planned.name), planned.layout,
+                                   ((key, outputs.pop(key)) for key, _, _ in planned.layout),
+                                   {"format": "pt"})
+            counters.write_s += time.perf_counter() - t0
+            files.append({"name": written.name, "size": written.size, "sha256": written.sha256,
+                          "tensors": {k: {"dtype": d, "shape": list(s)}
+                                      for k, d, s in planned.layout}})
+        units.close()
+    return {
+        "shard": job.shard.index,
+        "files": files,
+        "units": sum(len(f.units) for f in job.shard.files),
+        "cost_estimate_s": round(job.shard.cost, 3),
+        "node": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": job.settings.device,
+        "bytes_read": counters.bytes_read,
+        "seconds": {"total": round(time.perf_counter() - started, 4),
+                    "read": round(counters.read_s, 4), "compute": round(counters.compute_s, 4),
+                    "write": round(counters.write_s, 4), "svd": round(log.svd_seconds, 4)},
+        "svd_calls": log.svd_calls,
+        "numerics": log.events,
+    }
+
+
+def _maybe_fail(job: ShardJob) -> None:
+    fault = job.fault
+    if fault is None or fault.shard != job.shard.index or os.path.exists(fault.marker):
+        return
+    with open(fault.marker, "w") as f:
+        f.write(f"fired in pid {os.getpid()}\n")
+    if fault.kind == "exit":
+        os._exit(17)
+    raise TransientError(f"injected transient failure in shard {job.shard.index}")
+
+
+# -- TIES: the model-wide statistics ---------------------------------------------------------
+def shard_digit_histograms(job: ShardJob, level: int, prefixes: list[int]
+                           ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """This shard's radix-select histograms of |task vector| (see `methods.ties`)."""
+    totals: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(ties_math.DIGITS, np.int64))
+    for _, _, deltas in iter_unit_deltas(job, _Counters(), floats_only=True):
+        for t, (digits, counts) in enumerate(
+                ties_math.digit_histograms(deltas.cpu(), level, prefixes)):
+            np.add.at(totals[t], digits, counts)
+    out = []
+    for t in range(len(job.finetuned)):
+        dense = totals[t]
+        nonzero = np.flatnonzero(dense)
+        out.append((nonzero.astype(np.int32), dense[nonzero]))
+    return out
+
+
+def shard_sign_total(job: ShardJob) -> int:
+    thresholds = None
+    total = 0
+    for _, _, deltas in iter_unit_deltas(job, _Counters(), floats_only=True):
+        if thresholds is None:
+            thresholds = torch.tensor(job.statistics["thresholds"], dtype=deltas.dtype,
+                                      device=deltas.device)
+        total += ties_math.sign_total(deltas, thresholds)
+    return total
+
+
+def uses_matrix_math(settings: MergeSettings, unit: MergeUnit) -> bool:
+    return get_method(settings.method).kind in ("matrix", "compress") and is_matrix_key(
+        unit.name, unit.shape, settings.exclude)
