@@ -246,7 +246,8 @@ def _report(config: MergeConfig, method: str, params: dict, alpha: float, mode: 
                                "units": m["units"], "cost_estimate_s": m["cost_estimate_s"],
                                "node": m["node"], "pid": m["pid"], "device": m["device"],
                                "bytes_read": m["bytes_read"], "seconds": m["seconds"],
-                               "svd_calls": m["svd_calls"]}
+                               "svd_calls": m["svd_calls"],
+                               "peak_rss_bytes": m["peak_rss_bytes"]}
                               for s, m in zip(shards, manifests)]},
         "numerics": {"fallbacks": numerics,
                      "svd_seconds": round(sum(m["seconds"]["svd"] for m in manifests), 4),

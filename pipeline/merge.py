@@ -9,6 +9,7 @@ Only a small JSON-able manifest goes back to the driver, never tensors.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from collections import defaultdict
@@ -175,6 +176,8 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
                     "write": round(counters.write_s, 4), "svd": round(log.svd_seconds, 4)},
         "svd_calls": log.svd_calls,
         "numerics": log.events,
+        # Lifetime peak of this worker process (Ray reuses workers): an upper bound per shard.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 

@@ -24,13 +24,10 @@ def block_of(key: str) -> tuple[str, int] | None:
 
 
 def group_of(key: str) -> str:
-    """Layer group: the block prefix for block keys; the top-level module otherwise, so the
-    stem (embeddings, pre-norm) and the head (post-norm, projection) land in small groups."""
+    """Layer group: the block prefix for block keys; otherwise the top-level module, so a
+    tower's stem and head (embeddings, norms, projection: small tensors) share one group."""
     block = block_of(key)
-    if block:
-        return block[0]
-    parts = key.split(".")
-    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+    return block[0] if block else key.split(".")[0]
 
 
 def qkv_fusions(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, str, str]]:

@@ -1,0 +1,29 @@
+"""Shared fixtures: a small example model set and one embedded Ray cluster for the session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MERGE_PIPELINE_PROGRESS", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_example(tmp_path_factory):
+    """A CLIP-style ViT (HF key layout, tiny width) base + 3 fine-tuned checkpoints."""
+    from pipeline.examples import write_example
+    root = tmp_path_factory.mktemp("tiny_example")
+    return write_example(str(root), "tiny", num_tasks=3)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """An embedded local Ray with 3 logical CPUs, so 1, 2 and 3 workers can all run."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
