@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -149,7 +150,25 @@ def _describe_inputs(executor, base: Checkpoint, tuned: Sequence[Checkpoint]) ->
                  for c in checkpoints]
     for c in described:
         c["size"] = sum(f["size"] for f in c["files"])
+    _check_distinct(described)
     return {"base": described[0], "finetuned": described[1:]}
+
+
+def _check_distinct(described: list[dict[str, Any]]) -> None:
+    """Two tasks with the same bytes double one task's weight silently; refuse. A task equal to
+    the base has a zero task vector: legal, but almost always a wrong path, so warn."""
+    fingerprints: dict[tuple, str] = {}
+    for i, ckpt in enumerate(described):
+        fingerprint = tuple(f["sha256"] for f in ckpt["files"])
+        if fingerprint in fingerprints:
+            first = fingerprints[fingerprint]
+            if i > 0 and first == described[0]["location"]:
+                warnings.warn(f"{ckpt['location']}: identical to the base {first}; its task "
+                              f"vector is zero", stacklevel=3)
+                continue
+            raise InputError(f"{ckpt['location']}: same content (sha256) as {first}; each task "
+                             f"needs its own fine-tuned checkpoint")
+        fingerprints[fingerprint] = ckpt["location"]
 
 
 def _ties_statistics(executor, jobs: list[ShardJob], files: list[PlannedFile], num_tasks: int,

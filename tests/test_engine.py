@@ -183,3 +183,20 @@ def test_threads_are_fixed_per_task_for_determinism(tiny_example, tmp_path):
     b = merge(tiny_example, tmp_path / "b", "iso_cts", threads=2)
     assert a["options"]["threads"] == 2
     assert output_bytes(tmp_path / "a") == output_bytes(tmp_path / "b")
+
+
+def test_duplicate_task_content_is_refused_and_base_copy_warns(tiny_example, tmp_path):
+    import shutil
+    from pipeline.errors import InputError
+    base, tuned = tiny_example
+    copy = tmp_path / "copy"
+    shutil.copytree(tuned[0], copy)
+    with pytest.raises(InputError, match="same content"):
+        run_merge(MergeConfig(base=base, finetuned=[tuned[0], str(copy)], method="iso_c",
+                              alpha=1.0, out=str(tmp_path / "out"), engine="local"))
+    assert sorted(os.listdir(tmp_path)) == ["copy"]
+    base_copy = tmp_path / "base_copy"
+    shutil.copytree(base, base_copy)
+    with pytest.warns(UserWarning, match="identical to the base"):
+        run_merge(MergeConfig(base=base, finetuned=[tuned[0], str(base_copy)], method="iso_c",
+                              alpha=1.0, out=str(tmp_path / "out"), engine="local"))
