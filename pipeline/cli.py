@@ -7,10 +7,8 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from typing import Sequence
 
 from .errors import InputError, PipelineError

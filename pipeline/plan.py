@@ -15,7 +15,7 @@ from typing import Literal, Mapping, Sequence
 
 from .checkpoints.layout import group_of, natural_key, qkv_fusions
 from .checkpoints.reader import TensorSpec
-from .checkpoints.safetensors_io import DTYPE_NAMES, dtype_size
+from .checkpoints.safetensors_io import dtype_size
 from .methods import MethodSpec, is_matrix_key
 
 OutputMode = Literal["model", "task_vector", "compressed"]
@@ -165,11 +165,3 @@ def pack_shards(files: Sequence[PlannedFile], num_shards: int) -> list[Shard]:
     shards.sort(key=lambda s: -s.cost)  # start the longest first
     return [Shard(i, s.files) for i, s in enumerate(shards)]
 
-
-def compute_dtype_name(name: str) -> str:
-    import torch
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(name)
-    if dtype is None:
-        from .errors import InputError
-        raise InputError(f"compute dtype must be float32 or float64, got {name!r}")
-    return DTYPE_NAMES[dtype]

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
 from ..errors import CorruptFileError, InputError
@@ -218,7 +216,3 @@ def _read_index(index_path: str) -> dict[str, str]:
             raise CorruptFileError(f"{index_path}: file name {f!r} points outside the directory")
     return weight_map
 
-
-def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in ckpt.keys():
-        yield key, ckpt.read(key)
