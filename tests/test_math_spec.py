@@ -1,0 +1,297 @@
+"""The merge math against the spec: section 6's properties, the integer tables, and an
+independent float64 reference at 1e-4 relative Frobenius error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import spec_reference as ref
+from pipeline.errors import InputError
+from pipeline.methods import get_method, merge_key, numerics_log, svd
+from pipeline.methods import linalg
+from pipeline.methods.isotropic import iso_c, iso_cts, iso_cts_dimensions
+from pipeline.methods.ties import (RadixSelect, digit_histograms, kept_rank, reference_thresholds,
+                                   reference_ties)
+from pipeline.methods.tsv import tsv_c, tsv_c_reconstruct, tsv_m, tsv_rank
+
+SHAPES = [(40, 40), (64, 32), (32, 64)]  # square, tall, wide
+TASKS = [1, 2, 3, 8]
+MATRIX_METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def full_rank(T, m, n, seed=0, dtype=torch.float32):
+    return torch.randn(T, m, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def finetune_like(T, m, n, seed=0, rank=6):
+    """Low-rank task updates with a decaying spectrum plus noise: well conditioned, realistic."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(T):
+        u = torch.linalg.qr(torch.randn(m, rank, generator=g))[0]
+        v = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
+        out.append((u * torch.logspace(0, -1, rank)) @ v.T + 0.02 * torch.randn(m, n, generator=g))
+    return torch.stack(out)
+
+
+# -- section 6 properties ----------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("name", sorted(MATRIX_METHODS))
+def test_sign_scale_and_order_properties(name, T, shape):
+    fn = MATRIX_METHODS[name]
+    d = full_rank(T, *shape, seed=T, dtype=torch.float64)
+    out = fn(d)
+    assert out.shape == shape
+    assert rel(fn(-d), -out) < 1e-10, "f(-x) = -f(x)"
+    assert rel(fn(2.5 * d), 2.5 * out) < 1e-10, "f(c x) = c f(x)"
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(1))
+    assert rel(fn(d[perm]), out) < 1e-8, "invariant to task order"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tsv_m_of_one_task_is_the_task_exactly(shape):
+    d = full_rank(1, *shape)
+    assert torch.equal(tsv_m(d), d[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_iso_cts_of_one_task_is_iso_c(shape):
+    d = full_rank(1, *shape, dtype=torch.float64)
+    assert rel(iso_cts(d), iso_c(d)) < 1e-10
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts"])
+def test_isotropic_outputs_have_a_flat_spectrum(name, T, shape):
+    out = MATRIX_METHODS[name](full_rank(T, *shape, dtype=torch.float64))
+    s = torch.linalg.svdvals(out)
+    assert float((s.max() - s.min()) / s.mean()) < 1e-10
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [2, 3, 8])
+def test_tsv_m_keeps_each_tasks_top_singular_values(T, shape):
+    d = full_rank(T, *shape, dtype=torch.float64)
+    k = min(shape) // T
+    kept = torch.cat([torch.linalg.svdvals(d[t])[:k] for t in range(T)])
+    expected = torch.cat([kept, torch.zeros(min(shape) - T * k, dtype=torch.float64)])
+    got = torch.linalg.svdvals(tsv_m(d))
+    assert torch.allclose(got, expected.sort(descending=True).values, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts", "tsv_c"])
+def test_keys_without_svd_treatment_get_the_task_mean(name):
+    method = get_method(name)
+    params = method.resolve_params({})
+    for key, d in [("ln.weight", torch.randn(3, 16)), ("conv.weight", torch.randn(3, 4, 3, 2, 2)),
+                   ("model.text_projection", torch.randn(3, 8, 6)), ("scale", torch.randn(3))]:
+        merged = merge_key(method, key, d, params) if name != "tsv_c" else d.mean(0)
+        assert torch.allclose(merged, d.sum(0) / 3), key
+    assert torch.equal(merge_key(get_method("iso_c"), "w", torch.zeros(3, 8, 6), {}),
+                       torch.zeros(8, 6)), "all-zero task vectors merge to zero"
+
+
+def test_custom_exclusions_route_a_matrix_to_the_mean():
+    d = torch.randn(2, 8, 6)
+    merged = merge_key(get_method("iso_c"), "head.weight", d, {}, exclude=("head",))
+    assert torch.allclose(merged, d.mean(0))
+
+
+@pytest.mark.parametrize("name", ["average", "task_arithmetic"])
+def test_linear_baselines_sum_the_task_vectors(name):
+    d = torch.randn(4, 5, 3, dtype=torch.float64)
+    method = get_method(name)
+    assert torch.allclose(merge_key(method, "w", d, {}), d.sum(0))
+    assert rel(merge_key(method, "w", 3 * d, {}), 3 * d.sum(0)) < 1e-12
+
+
+# -- integer arithmetic ------------------------------------------------------------------------
+@pytest.mark.parametrize("r,T,c,p", [(1024, 8, 816, 26), (768, 14, 614, 11), (96, 8, 80, 2),
+                                     (50, 20, 50, 0), (257, 20, 197, 3)])
+def test_iso_cts_dimension_table_of_the_spec(r, T, c, p):
+    assert iso_cts_dimensions(r, T, 0.8) == (c, p)
+
+
+@pytest.mark.parametrize("r,T,f,c,p", [
+    # r=100, f=0.8: c0=80; (100-80)/8 = 2.5 -> round half to even -> 2 -> ts=16, c=84, p=2
+    (100, 8, 0.8, 84, 2),
+    # (100-80)/40 = 0.5 -> 0 -> ts=0: everything common
+    (100, 40, 0.8, 100, 0),
+    # r=60, f=0.5: c0=30; 30/20 = 1.5 -> 2 -> ts=40, c=20, p=2
+    (60, 20, 0.5, 20, 2),
+    # r=70, f=0.5: c0=35; 35/10 = 3.5 -> 4 -> ts=40, c=30, p=4
+    (70, 10, 0.5, 30, 4),
+])
+def test_iso_cts_dimensions_round_half_to_even(r, T, f, c, p):
+    assert iso_cts_dimensions(r, T, f) == (c, p)
+    assert c + T * p == r
+
+
+@pytest.mark.parametrize("m,n,T,k", [(768, 3072, 8, 96), (1024, 1024, 8, 128), (768, 768, 3, 256),
+                                     (769, 800, 3, 256), (767, 768, 3, 255), (50, 60, 20, 2),
+                                     (10, 10, 20, 0), (257, 300, 20, 12)])
+def test_tsv_rank_is_floor_of_r_over_T(m, n, T, k):
+    assert tsv_rank(m, n, T) == k
+
+
+def test_tsv_rank_matches_floor_everywhere():
+    for r in range(1, 1100):
+        for T in range(1, 33):
+            assert tsv_rank(r, r + 1, T) == math.floor(r / T)
+
+
+# -- independent float64 reference -----------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES + [(96, 48)])
+@pytest.mark.parametrize("T", [2, 3, 8])
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts"])
+def test_float32_matches_float64_reference(name, T, shape):
+    d = finetune_like(T, *shape, seed=10 * T + shape[0])
+    got = MATRIX_METHODS[name](d)
+    assert got.dtype == torch.float32
+    assert rel(got, getattr(ref, name)(d)) <= 1e-4
+
+
+@pytest.mark.parametrize("f", [0.5, 0.8, 0.95])
+def test_iso_cts_fraction_matches_reference(f):
+    d = finetune_like(4, 48, 40, seed=3)
+    assert rel(iso_cts(d, common_space_fraction=f), ref.iso_cts(d, f)) <= 1e-4
+
+
+@pytest.mark.parametrize("T", [2, 3, 8])
+def test_tsv_c_factors_reconstruct_the_rank_k_truncation(T):
+    d = finetune_like(T, 64, 40, seed=T)
+    factors = tsv_c(d)
+    k = 40 // T
+    assert factors["U"].shape == (T, 64, k) and factors["S"].shape == (T, k)
+    assert factors["Vh"].shape == (T, k, 40)
+    stored = sum(t[0].numel() for t in factors.values())
+    assert stored == k * (64 + 40 + 1)
+    expected = ref.tsv_c(d)
+    for t in range(T):
+        got = tsv_c_reconstruct(factors["U"][t], factors["S"][t], factors["Vh"][t])
+        assert rel(got, expected[t]) <= 1e-4
+
+
+# -- TIES ------------------------------------------------------------------------------------
+def model_vectors(T=3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(T, 12, 8, generator=g, dtype=dtype),
+            "a.bias": torch.randn(T, 12, generator=g, dtype=dtype),
+            "b.weight": torch.randn(T, 5, 7, generator=g, dtype=dtype),
+            "c.scale": torch.randn(T, generator=g, dtype=dtype)}
+
+
+@pytest.mark.parametrize("k", [5, 20, 50, 100])
+@pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
+def test_ties_matches_independent_reference(k, merge_func):
+    vectors = model_vectors(dtype=torch.float64)
+    got = reference_ties(vectors, k=k, merge_func=merge_func)
+    expected = ref.ties(vectors, k=k, merge_func=merge_func)
+    for key in vectors:
+        assert torch.allclose(got[key], expected[key], atol=1e-12), key
+
+
+def test_ties_k_100_keeps_every_entry():
+    vectors = model_vectors()
+    assert kept_rank(1000, 100) == 0
+    assert torch.equal(reference_thresholds(vectors, 100), torch.zeros(3))
+
+
+def test_ties_trim_is_global_not_per_key():
+    """A key with tiny values loses all of them when trimming is global."""
+    vectors = {"big": torch.full((2, 90), 5.0), "small": torch.full((2, 10), 0.001)}
+    merged = reference_ties(vectors, k=50)
+    assert torch.equal(merged["small"], torch.zeros(10))
+    assert torch.equal(merged["big"], torch.full((90,), 5.0))
+
+
+def test_ties_zero_elected_sign_takes_the_majority_sign():
+    # Position 0: +1 and -1 cancel -> g = 0 -> majority sign of the model (+) keeps the +1.
+    vectors = {"w": torch.tensor([[1.0, 2.0, 3.0], [-1.0, 2.0, 3.0]])}
+    merged = reference_ties(vectors, k=100)
+    assert torch.equal(merged["w"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("params", [{"k": 0}, {"k": 101}, {"merge_func": "median"},
+                                    {"k": "abc"}])
+def test_ties_rejects_bad_parameters(params):
+    with pytest.raises(InputError):
+        get_method("ties").resolve_params(params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 20, 73.5, 100])
+def test_radix_select_over_shards_is_exactly_kthvalue(dtype, k):
+    vectors = model_vectors(T=4, seed=7, dtype=dtype)
+    vectors["dups"] = torch.tensor([0.5, 0.5, 0.0, -0.0, 0.5, 0.25], dtype=dtype).repeat(4, 1)
+    vectors["zeros"] = torch.zeros(4, 9, dtype=dtype)
+    expected = reference_thresholds(vectors, k)
+    n = sum(v[0].numel() for v in vectors.values())
+    select = RadixSelect(4, kept_rank(n, k), dtype)
+    shards = [["a.bias", "zeros"], ["a.weight"], ["b.weight", "c.scale", "dups"]]
+    while not select.done:
+        for shard in shards:
+            flat = torch.cat([vectors[key].reshape(4, -1) for key in shard], dim=1)
+            select.add(digit_histograms(flat, select.level, select.prefixes))
+        select.advance()
+    assert torch.equal(select.thresholds(), expected)
+
+
+# -- robustness and the registry ---------------------------------------------------------------
+def test_svd_falls_back_and_records_it(monkeypatch):
+    real = torch.linalg.svd
+    calls = {"n": 0}
+
+    def flaky(x, full_matrices=True):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # both orientations fail in float32
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(x, full_matrices=full_matrices)
+
+    monkeypatch.setattr(linalg.torch.linalg, "svd", flaky)
+    x = torch.randn(30, 20)
+    with numerics_log() as log:
+        u, s, vh = svd(x)
+    assert u.dtype == torch.float32 and rel((u * s) @ vh, x) < 1e-5
+    assert log.svd_calls == 1 and any("float64" in e for e in log.events)
+
+
+@pytest.mark.parametrize("shape", [(20, 50), (50, 20)])
+def test_svd_of_either_orientation_reconstructs(shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    u, s, vh = svd(x)
+    assert u.shape == (shape[0], min(shape)) and vh.shape == (min(shape), shape[1])
+    assert rel((u * s) @ vh, x) < 1e-12
+    assert torch.all(s[:-1] >= s[1:])
+
+
+def test_registry_errors_are_clear():
+    with pytest.raises(InputError, match="iso_cts"):
+        get_method("iso_ctss")
+    with pytest.raises(InputError, match="common_space_fraction"):
+        get_method("iso_cts").resolve_params({"fraction": 0.5})
+    with pytest.raises(InputError):
+        get_method("iso_cts").resolve_params({"common_space_fraction": 1.0})
+    assert get_method("iso_cts").resolve_params({"common_space_fraction": "0.6"}) == {
+        "common_space_fraction": 0.6}
+
+
+def test_alpha_rules():
+    assert get_method("average").alpha_for(8, None) == 1 / 8
+    with pytest.raises(InputError, match="fixes alpha"):
+        get_method("average").alpha_for(8, 0.5)
+    with pytest.raises(InputError, match="needs --alpha"):
+        get_method("iso_c").alpha_for(8, None)
+    with pytest.raises(InputError):
+        get_method("iso_c").alpha_for(8, -1.0)
+    assert get_method("tsv_m").alpha_grid[0] == 0.1 and len(get_method("tsv_m").alpha_grid) == 30
+    assert get_method("ties").alpha_grid[-1] == 1.0 and len(get_method("ties").alpha_grid) == 30
