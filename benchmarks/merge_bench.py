@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -39,12 +40,24 @@ ALPHAS = {"average": None, "task_arithmetic": 0.3, "ties": 0.3}
 GiB = 1 << 30
 
 
-def build_checkpoints(model: str, num_tasks: int, cache: str) -> tuple[str, list[str]]:
+def checkpoint_paths(model: str, num_tasks: int, cache: str) -> list[str]:
     root = os.path.join(cache, model)
-    paths = [os.path.join(root, "base")] + [os.path.join(root, f"task{i:02d}")
-                                           for i in range(1, num_tasks + 1)]
-    if all(os.path.exists(os.path.join(p, ".complete")) for p in paths):
-        return paths[0], paths[1:]
+    return [os.path.join(root, "base")] + [os.path.join(root, f"task{i:02d}")
+                                          for i in range(1, num_tasks + 1)]
+
+
+def ensure_checkpoints(model: str, num_tasks: int, cache: str) -> tuple[str, list[str]]:
+    """Build missing checkpoints in a child process, so the driver's peak RSS measured here
+    is the merge's alone."""
+    paths = checkpoint_paths(model, num_tasks, cache)
+    if not all(os.path.exists(os.path.join(p, ".complete")) for p in paths):
+        subprocess.run([sys.executable, __file__, "--build", model, "--tasks", str(num_tasks),
+                        "--cache", cache], check=True)
+    return paths[0], paths[1:]
+
+
+def build_checkpoints(model: str, num_tasks: int, cache: str) -> None:
+    paths = checkpoint_paths(model, num_tasks, cache)
     from transformers import CLIPVisionConfig, CLIPVisionModel
     torch.manual_seed(0)
     net = CLIPVisionModel(CLIPVisionConfig(**ARCHITECTURES[model]))
@@ -61,13 +74,12 @@ def build_checkpoints(model: str, num_tasks: int, cache: str) -> tuple[str, list
         write_json_atomic(os.path.join(path, "config.json"), config)
         open(os.path.join(path, ".complete"), "w").close()
         print(f"  wrote {path} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    return paths[0], paths[1:]
 
 
 def measure(model, method, base, tuned, workers, executor, out) -> dict:
     alpha = ALPHAS.get(method, 1.0)
     config = MergeConfig(base=base, finetuned=tuned, method=method, alpha=alpha,
-                         out=os.path.join(out, "merged"), overwrite=True, hash_inputs=False,
+                         out=os.path.join(out, "merged"), overwrite=True, scan_inputs=False,
                          engine="local" if executor is None else "ray")
     t0 = time.perf_counter()
     report = run_merge(config, executor=executor)
@@ -105,14 +117,17 @@ def main() -> None:
                         help="methods also timed in a plain in-process loop (overhead baseline)")
     parser.add_argument("--cache", default=os.path.join("benchmarks", ".cache"))
     parser.add_argument("--out", default=os.path.join("benchmarks", ".cache", "results"))
+    parser.add_argument("--build", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        return build_checkpoints(args.build, int(args.tasks), args.cache)
     os.environ.setdefault("MERGE_PIPELINE_PROGRESS", "0")
     worker_counts = [int(w) for w in args.workers.split(",")]
     executors = {w: RayExecutor(workers=w) for w in worker_counts}
     rows = []
     for model in args.models.split(","):
         for num_tasks in [int(t) for t in args.tasks.split(",")]:
-            base, tuned = build_checkpoints(model, num_tasks, args.cache)
+            base, tuned = ensure_checkpoints(model, num_tasks, args.cache)
             for method in args.methods.split(","):
                 runs = [(w, executors[w]) for w in worker_counts]
                 if method in args.plain_loop.split(","):

@@ -41,8 +41,11 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-task", type=float, help="GPU share per task when GPUs exist")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an existing output directory")
-    p.add_argument("--no-hash-inputs", dest="hash_inputs", action="store_false", default=None,
-                   help="skip the sha256 of the inputs in the report")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="reuse the verified files of an interrupted run of the same merge")
+    p.add_argument("--no-input-scan", dest="scan_inputs", action="store_false", default=None,
+                   help="skip the up-front read of every input (sha256 for the report, NaN/Inf "
+                        "check); workers still refuse non-finite tensors as they read them")
 
 
 def merge_config_from_args(args: argparse.Namespace):
@@ -51,7 +54,7 @@ def merge_config_from_args(args: argparse.Namespace):
     overrides = {name: getattr(args, name) for name in (
         "base", "finetuned", "method", "alpha", "out", "output", "exclude", "compute_dtype",
         "device", "threads", "fuse_qkv", "max_shard_size", "engine", "workers", "address",
-        "gpus_per_task", "overwrite", "hash_inputs")}
+        "gpus_per_task", "overwrite", "resume", "scan_inputs")}
     params = dict(file_values.pop("params", None) or {})
     params.update(parse_params(args.param))
     overrides["params"] = params
@@ -80,6 +83,16 @@ def cmd_expand(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_output
+    problems = verify_output(args.directory)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.directory}: ok (checksums, headers, index, keys, finite values)")
+    return 1 if problems else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(args.workdir, args.workers)
@@ -98,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     expand.add_argument("--out", required=True)
     expand.add_argument("--overwrite", action="store_true")
     expand.set_defaults(func=cmd_expand)
+    verify = sub.add_parser("verify", help="check an output against its merge_report.json")
+    verify.add_argument("directory")
+    verify.set_defaults(func=cmd_verify)
     demo = sub.add_parser("demo", help="merge a built-in example end to end on local Ray")
     demo.add_argument("--workdir", default=os.path.join(".cache", "demo"))
     demo.add_argument("--workers", type=int, default=2)

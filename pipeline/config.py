@@ -41,7 +41,10 @@ class MergeConfig:
     address: str | None = None
     gpus_per_task: float = 1.0
     overwrite: bool = False
-    hash_inputs: bool = True
+    # Reuse the verified files of an interrupted run of the same merge.
+    resume: bool = False
+    # Read every input once before any compute: sha256 for the report, NaN/Inf refused.
+    scan_inputs: bool = True
 
     def validate(self) -> None:
         missing = [name for name in ("base", "method", "out") if not getattr(self, name)]

@@ -8,7 +8,9 @@ that says what was done, with what, how fast, and which numerical fallbacks were
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import platform
@@ -23,10 +25,12 @@ import numpy as np
 
 from . import __version__
 from .checkpoints import StagedOutput, check_compatible, open_checkpoint
+from .checkpoints.output import done_marker
 from .checkpoints.reader import Checkpoint
-from .checkpoints.storage import is_uri, open_range_reader
+from .checkpoints.scan import scan_file
+from .checkpoints.storage import is_uri
 from .config import MergeConfig
-from .errors import InputError
+from .errors import InputError, OutputError, PipelineError
 from .executors import make_executor
 from .merge import (Fault, MergeSettings, ShardJob, run_shard, shard_digit_histograms,
                     shard_sign_total, uses_matrix_math)
@@ -72,32 +76,46 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
     if executor is None:
         executor = make_executor(config.engine, config.address, config.workers, config.threads,
                                  config.device, config.gpus_per_task)
-    shards = pack_shards(files, executor.workers * SHARDS_PER_WORKER)
     settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
                              exclude=tuple(config.exclude), compute_dtype=compute_dtype,
                              device=executor.device, threads=config.threads)
+    inputs = None
+    if config.scan_inputs:  # before anything is written: a bad input leaves no trace
+        t0 = time.perf_counter()
+        inputs = _describe_inputs(executor, base, tuned)
+        timings["scan_inputs"] = time.perf_counter() - t0
+    _check_free_space(config.out, files)
 
-    with StagedOutput(config.out, overwrite=config.overwrite) as out:
+    run_key = _run_key(config, settings)
+    with StagedOutput(config.out, overwrite=config.overwrite, run_key=run_key,
+                      resume=config.resume) as out:
+        reused = _verified_files(out.path, files) if out.resumed else {}
+        todo = [f for f in files if f.name not in reused]
+        shards = pack_shards(todo, executor.workers * SHARDS_PER_WORKER) if todo else []
         jobs = [ShardJob(shard, base.location, tuple(c.location for c in tuned), settings,
                          out.path, fault=fault) for shard in shards]
-        inputs = None
-        if config.hash_inputs:
-            t0 = time.perf_counter()
-            inputs = _describe_inputs(executor, base, tuned)
-            timings["hash_inputs"] = time.perf_counter() - t0
         statistics: dict[str, Any] = {}
-        if method.kind == "global":
+        if method.kind == "global":  # model-wide statistics need every file, reused or not
             t0 = time.perf_counter()
-            statistics = _ties_statistics(executor, jobs, files, num_tasks, params["k"],
+            every_file = [ShardJob(shard, base.location, tuple(c.location for c in tuned),
+                                   settings, out.path)
+                          for shard in pack_shards(files, executor.workers * SHARDS_PER_WORKER)]
+            statistics = _ties_statistics(executor, every_file, files, num_tasks, params["k"],
                                           compute_dtype)
             timings["global_statistics"] = time.perf_counter() - t0
             jobs = [ShardJob(j.shard, j.base, j.finetuned, j.settings, j.out_dir, statistics,
                              j.fault) for j in jobs]
         t0 = time.perf_counter()
-        manifests = executor.map(run_shard, [(job,) for job in jobs], desc=f"merge {method.name}")
+        try:
+            manifests = executor.map(run_shard, [(job,) for job in jobs],
+                                     desc=f"merge {method.name}")
+        except OutputError as exc:
+            raise OutputError(f"{exc}; the whole output needs "
+                              f"{sum(f.nbytes for f in files)} bytes") from exc
         timings["merge"] = time.perf_counter() - t0
 
-        written = _write_index(out, mode, files, manifests)
+        written = _write_index(out, mode, files,
+                               manifests + [{"files": list(reused.values())}])
         if mode == "compressed":
             units = build_units(specs, config.fuse_qkv)
             out.write_json("tsv_c.json", _artefact_meta(units, settings, config))
@@ -106,6 +124,7 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
         timings["total"] = time.perf_counter() - t_start
         report = _report(config, method.name, params, alpha, mode, statistics, inputs,
                          executor, shards, manifests, written, timings)
+        report["resumed_files"] = sorted(reused)
         out.write_json("merge_report.json", report)
         out.commit()
     return report
@@ -130,24 +149,59 @@ def _check_paths(config: MergeConfig) -> None:
                              f"choose another output directory")
 
 
-def hash_file(location: str, chunk: int = 16 << 20) -> dict[str, Any]:
-    """Size and sha256 of one input file, read in bounded chunks."""
-    reader = open_range_reader(location)
-    digest = hashlib.sha256()
-    try:
-        for offset in range(0, reader.size, chunk):
-            digest.update(reader.read_range(offset, min(chunk, reader.size - offset)))
-    finally:
-        reader.close()
-    return {"path": location, "size": reader.size, "sha256": digest.hexdigest()}
+def _run_key(config: MergeConfig, settings: MergeSettings) -> str:
+    """Digest of everything that determines the output bytes: names the staging directory, so
+    `--resume` finds the work of an interrupted run of the same merge, and only of that."""
+    identity = {"base": config.base, "finetuned": config.finetuned, "fuse_qkv": config.fuse_qkv,
+                "max_shard_size": config.max_shard_bytes,
+                "settings": dataclasses.asdict(settings)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, dict[str, Any]]:
+    """Finished files of an interrupted run whose done-marker matches the plan and whose bytes
+    still hash to the recorded sha256; anything else is deleted and recomputed."""
+    verified = {}
+    for planned in files:
+        path, marker = os.path.join(staging, planned.name), done_marker(staging, planned.name)
+        try:
+            with open(marker) as f:
+                manifest = json.load(f)
+            expected = {k: {"dtype": d, "shape": list(s)} for k, d, s in planned.layout}
+            if manifest["tensors"] == expected and scan_file(path)["sha256"] == manifest["sha256"]:
+                verified[planned.name] = manifest
+                continue
+        except (OSError, ValueError, KeyError, PipelineError):
+            pass
+        for stale in (path, marker):
+            if os.path.exists(stale):
+                os.remove(stale)
+    return verified
+
+
+def _check_free_space(out: str, files: list[PlannedFile]) -> None:
+    needed = sum(f.nbytes for f in files)
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OutputError(f"{out}: the output needs {needed} bytes but only {free} are free "
+                          f"on its filesystem")
 
 
 def _describe_inputs(executor, base: Checkpoint, tuned: Sequence[Checkpoint]) -> dict[str, Any]:
     checkpoints = [base, *tuned]
     paths = [f for c in checkpoints for f in c.files]
-    hashes = iter(executor.map(hash_file, [(p,) for p in paths], desc="hash inputs"))
-    described = [{"location": c.location, "files": [next(hashes) for _ in c.files]}
+    scans = iter(executor.map(scan_file, [(p,) for p in paths], desc="scan inputs"))
+    described = [{"location": c.location, "files": [next(scans) for _ in c.files]}
                  for c in checkpoints]
+    for ckpt in described:
+        for f in ckpt["files"]:
+            nonfinite = f.pop("nonfinite")
+            if nonfinite:
+                more = f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""
+                raise InputError(f"{f['path']}: key {nonfinite[0]!r} contains NaN or Inf{more}")
     for c in described:
         c["size"] = sum(f["size"] for f in c["files"])
     _check_distinct(described)

@@ -23,7 +23,7 @@ MAX_RETRIES = 3
 
 
 def _progress(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="shard", dynamic_ncols=True, leave=False,
+    return tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True, leave=False,
                 disable=os.environ.get("MERGE_PIPELINE_PROGRESS", "1") == "0")
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .checkpoints.output import done_marker, write_json_atomic
 from .checkpoints.reader import Checkpoint, open_checkpoint
 from .checkpoints.safetensors_io import DTYPES, write_stream
 from .errors import InputError, TransientError
@@ -161,6 +162,7 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
             files.append({"name": written.name, "size": written.size, "sha256": written.sha256,
                           "tensors": {k: {"dtype": d, "shape": list(s)}
                                       for k, d, s in planned.layout}})
+            write_json_atomic(done_marker(job.out_dir, written.name), files[-1])
         units.close()
     return {
         "shard": job.shard.index,

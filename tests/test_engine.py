@@ -123,14 +123,16 @@ def test_failed_shard_is_retried_and_output_identical(kind, tiny_example, ray_cl
 
 
 def test_injected_fault_without_retry_leaves_no_output(tiny_example, tmp_path):
-    """In-process there is no retry: the run fails and nothing appears at the destination."""
+    """In-process there is no retry: the run fails, nothing appears at the destination, and
+    only the recognisable staging directory remains (for --resume)."""
     from pipeline.errors import TransientError
     with pytest.raises(TransientError):
         run_merge(MergeConfig(base=tiny_example[0], finetuned=list(tiny_example[1]),
                               method="iso_c", alpha=1.0, out=str(tmp_path / "out"),
                               engine="local"),
                   fault=Fault(shard=0, kind="raise", marker=str(tmp_path / "m")))
-    assert os.listdir(tmp_path) == ["m"]
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 2 and left[1] == "m" and ".out.merge-staging-" in left[0]
 
 
 def _tensors_in(obj) -> int:
@@ -200,3 +202,59 @@ def test_duplicate_task_content_is_refused_and_base_copy_warns(tiny_example, tmp
     with pytest.warns(UserWarning, match="identical to the base"):
         run_merge(MergeConfig(base=base, finetuned=[tuned[0], str(base_copy)], method="iso_c",
                               alpha=1.0, out=str(tmp_path / "out"), engine="local"))
+
+
+@pytest.mark.parametrize("method", ["iso_cts", "ties"])
+def test_resume_reuses_verified_files_and_gives_identical_output(method, tiny_example, tmp_path):
+    """A driver killed mid-merge leaves its staging directory; --resume keeps the files whose
+    checksums verify, recomputes the rest (and a tampered one), and matches a clean run."""
+    merge(tiny_example, tmp_path / "clean", method)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(MergeConfig(base=tiny_example[0], finetuned=list(tiny_example[1]),
+                              method=method, alpha=METHOD_RUNS[method][0],
+                              params=METHOD_RUNS[method][1], out=str(out), engine="local"),
+                  executor=_InterruptAfter(2))
+    staging = [p for p in os.listdir(tmp_path) if ".merge-staging-" in p]
+    assert len(staging) == 1 and not out.exists()
+    finished = sorted(p for p in os.listdir(tmp_path / staging[0]) if p.endswith(".safetensors"))
+    assert len(finished) == 2  # of 3 files: the tiny model's two blocks and its stem/head
+    with open(tmp_path / staging[0] / finished[0], "r+b") as f:  # corrupt one finished file
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    report = merge(tiny_example, out, method, resume=True)
+    assert len(report["resumed_files"]) == 1
+    assert finished[0] not in report["resumed_files"]
+    assert output_bytes(out) == output_bytes(tmp_path / "clean")
+    assert not [p for p in os.listdir(tmp_path) if ".merge-staging-" in p]
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+
+
+def test_a_new_run_cleans_the_stale_staging_of_the_same_merge(tiny_example, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(MergeConfig(base=tiny_example[0], finetuned=list(tiny_example[1]),
+                              method="iso_c", alpha=METHOD_RUNS["iso_c"][0],
+                              out=str(tmp_path / "out"), engine="local"),
+                  executor=_InterruptAfter(2))
+    assert [p for p in os.listdir(tmp_path) if ".merge-staging-" in p]
+    report = merge(tiny_example, tmp_path / "out", "iso_c")
+    assert report["resumed_files"] == []
+    assert os.listdir(tmp_path) == ["out"]
+
+
+class _InterruptAfter(LocalExecutor):
+    """Runs shard by shard and raises KeyboardInterrupt after `n` merge calls, as a Ctrl-C."""
+
+    def __init__(self, n):
+        super().__init__("cpu")
+        self.n = n
+
+    def map(self, fn, calls, desc=""):
+        if fn.__name__ != "run_shard":
+            return super().map(fn, calls, desc)
+        results = []
+        for args in calls:
+            if len(results) == self.n:
+                raise KeyboardInterrupt
+            results.append(fn(*args))
+        return results

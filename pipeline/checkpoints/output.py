@@ -7,9 +7,11 @@ whole one; a crash leaves only the staging directory, whose name says what it is
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -18,28 +20,48 @@ from ..errors import InputError, OutputError
 STAGING_MARK = ".merge-staging-"
 
 
-def staging_dir_for(final: str) -> str:
+def staging_dir_for(final: str, run_key: str | None = None) -> str:
     parent, name = os.path.split(os.path.abspath(final))
-    return os.path.join(parent, f".{name}{STAGING_MARK}{uuid.uuid4().hex[:12]}")
+    return os.path.join(parent, f".{name}{STAGING_MARK}{run_key or uuid.uuid4().hex[:12]}")
 
 
 class StagedOutput:
-    """A directory that appears at `final` only on `commit()`; `abort()` removes every trace."""
+    """A directory that appears at `final` only on `commit()`.
 
-    def __init__(self, final: str, overwrite: bool = False):
+    With a `run_key` (a digest of everything that determines the output) the staging name is
+    stable, so an interrupted run's work can be found again: `resume=True` keeps it, otherwise
+    it is recognised as stale and removed. On an interruption or a crash the staging directory
+    is kept for `--resume`; on bad input or a failed write it is removed (nothing to resume,
+    and a full disk needs its space back).
+    """
+
+    def __init__(self, final: str, overwrite: bool = False, run_key: str | None = None,
+                 resume: bool = False):
         self.final = os.path.abspath(final)
         if os.path.exists(self.final) and not overwrite:
             raise InputError(f"{final}: output already exists (pass --overwrite to replace it)")
         if os.path.exists(self.final) and not os.path.isdir(self.final):
             raise InputError(f"{final}: exists and is not a directory")
-        parent = os.path.dirname(self.final)
+        self.path = staging_dir_for(self.final, run_key)
+        self.resumed = resume and os.path.isdir(self.path)
         try:
-            os.makedirs(parent, exist_ok=True)
-            self.path = staging_dir_for(self.final)
-            os.mkdir(self.path)
+            os.makedirs(os.path.dirname(self.final), exist_ok=True)
+            if os.path.isdir(self.path) and not resume:
+                self._lock()  # refuse to delete a directory another run is writing
+                shutil.rmtree(self.path)
+            os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{final}: cannot create the output directory ({exc})") from exc
+        self._lock()
         self.committed = False
+
+    def _lock(self) -> None:
+        self._lock_file = open(os.path.join(self.path, ".lock"), "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{self.final}: another merge is writing this output right now "
+                             f"({self.path})") from None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -48,6 +70,9 @@ class StagedOutput:
         write_json_atomic(self.file(name), obj)
 
     def commit(self) -> str:
+        for name in os.listdir(self.path):
+            if name == ".lock" or name.endswith(DONE_SUFFIX):
+                os.remove(os.path.join(self.path, name))
         _fsync_dir(self.path)
         old = None
         if os.path.exists(self.final):
@@ -68,8 +93,21 @@ class StagedOutput:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is None or self.committed:
+            return
+        if issubclass(exc_type, (InputError, OutputError)):
             self.abort()
+        else:
+            sys.stderr.write(f"merge interrupted: finished files kept in {self.path}; "
+                             f"run the same command with --resume to reuse them\n")
+
+
+DONE_SUFFIX = ".done.json"
+
+
+def done_marker(directory: str, file_name: str) -> str:
+    """Written beside a finished output file: its manifest, checked again on --resume."""
+    return os.path.join(directory, f".{file_name}{DONE_SUFFIX}")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
