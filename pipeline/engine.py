@@ -86,7 +86,7 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
         timings["scan_inputs"] = time.perf_counter() - t0
     _check_free_space(config.out, files)
 
-    run_key = _run_key(config, settings)
+    run_key = _run_key(config, settings, inputs)
     with StagedOutput(config.out, overwrite=config.overwrite, run_key=run_key,
                       resume=config.resume) as out:
         reused = _verified_files(out.path, files) if out.resumed else {}
@@ -149,10 +149,15 @@ def _check_paths(config: MergeConfig) -> None:
                              f"choose another output directory")
 
 
-def _run_key(config: MergeConfig, settings: MergeSettings) -> str:
+def _run_key(config: MergeConfig, settings: MergeSettings, inputs: dict | None) -> str:
     """Digest of everything that determines the output bytes: names the staging directory, so
-    `--resume` finds the work of an interrupted run of the same merge, and only of that."""
-    identity = {"base": config.base, "finetuned": config.finetuned, "fuse_qkv": config.fuse_qkv,
+    `--resume` finds the work of an interrupted run of the same merge, and only of that. With
+    the input scan it keys on the inputs' contents, so a changed input never reuses old files."""
+    sources: Any = [config.base, *config.finetuned]
+    if inputs is not None:
+        sources = [[f["sha256"] for f in c["files"]]
+                   for c in [inputs["base"], *inputs["finetuned"]]]
+    identity = {"inputs": sources, "fuse_qkv": config.fuse_qkv,
                 "max_shard_size": config.max_shard_bytes,
                 "settings": dataclasses.asdict(settings)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

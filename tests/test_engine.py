@@ -258,3 +258,27 @@ class _InterruptAfter(LocalExecutor):
                 raise KeyboardInterrupt
             results.append(fn(*args))
         return results
+
+
+def test_resume_never_reuses_files_when_an_input_changed(tiny_example, tmp_path):
+    """The staging key covers the inputs' sha256: after a change, nothing old is reused and the
+    dead run's staging directory is cleaned."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_example[0], base)
+    example = (str(base), tiny_example[1])
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(MergeConfig(base=str(base), finetuned=list(tiny_example[1]), method="iso_c",
+                              alpha=METHOD_RUNS["iso_c"][0], out=str(tmp_path / "out"),
+                              engine="local"), executor=_InterruptAfter(2))
+    from pipeline.checkpoints import open_checkpoint, write_safetensors
+    with open_checkpoint(str(base)) as ckpt:
+        weights = {k: ckpt.read(k).clone() for k in ckpt.keys()}
+    for tensor in weights.values():
+        if tensor.is_floating_point():
+            tensor.mul_(1.01)
+    os.remove(base / "model.safetensors")
+    write_safetensors(str(base / "model.safetensors"), weights)
+    report = merge(example, tmp_path / "out", "iso_c", resume=True)
+    assert report["resumed_files"] == []
+    assert sorted(os.listdir(tmp_path)) == ["base", "out"]

@@ -53,15 +53,27 @@ class StagedOutput:
         except OSError as exc:
             raise OutputError(f"{final}: cannot create the output directory ({exc})") from exc
         self._lock()
+        self._remove_stale_siblings()
         self.committed = False
 
     def _lock(self) -> None:
-        self._lock_file = open(os.path.join(self.path, ".lock"), "a")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self._lock_file = _try_lock(self.path)
+        if self._lock_file is None:
             raise InputError(f"{self.final}: another merge is writing this output right now "
-                             f"({self.path})") from None
+                             f"({self.path})")
+
+    def _remove_stale_siblings(self) -> None:
+        """Staging directories of this output from other, dead runs (other options or inputs):
+        they can never be resumed by this merge, so they only hold disk space."""
+        parent, name = os.path.split(self.final)
+        prefix = f".{name}{STAGING_MARK}"
+        for entry in os.listdir(parent):
+            path = os.path.join(parent, entry)
+            if entry.startswith(prefix) and path != self.path and os.path.isdir(path):
+                lock = _try_lock(path)
+                if lock is not None:  # no live run holds it
+                    shutil.rmtree(path, ignore_errors=True)
+                    lock.close()
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -123,6 +135,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OutputError(f"{path}: write failed ({exc})") from exc
+
+
+def _try_lock(directory: str):
+    """An exclusive lock on `directory`/.lock, or None when a live process holds it."""
+    handle = open(os.path.join(directory, ".lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return handle
+    except BlockingIOError:
+        handle.close()
+        return None
 
 
 def _fsync_dir(path: str) -> None:
