@@ -40,11 +40,16 @@ class LocalExecutor:
             device == "auto" and torch.cuda.is_available()) else "cpu"
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+        import torch
+        threads = torch.get_num_threads()  # shards set their own; give the caller's back
         results = []
-        with _progress(len(calls), desc) as bar:
-            for args in calls:
-                results.append(fn(*args))
-                bar.update(1)
+        try:
+            with _progress(len(calls), desc) as bar:
+                for args in calls:
+                    results.append(fn(*args))
+                    bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
         return results
 
     def info(self) -> dict[str, Any]:

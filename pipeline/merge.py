@@ -120,8 +120,7 @@ def _unit_outputs(job: ShardJob, unit: MergeUnit, theta0: torch.Tensor,
     settings = job.settings
     method = get_method(settings.method)
     if deltas is None:  # integer buffer: copied from the base
-        return dict(zip(unit.sources, theta0.split(list(unit.rows)))) if unit.shape else \
-            {unit.sources[0]: theta0}
+        return _split_to_sources(unit, theta0)
     if settings.mode == "compressed":
         parts = compress_key(method, unit.name, deltas, settings.params, settings.exclude)
         return {f"{unit.name}::{name}": t.cpu() for name, t in parts.items()}
@@ -133,10 +132,14 @@ def _unit_outputs(job: ShardJob, unit: MergeUnit, theta0: torch.Tensor,
     tau = merge_key(method, unit.name, deltas, settings.params, settings.exclude, statistics)
     if settings.mode == "model":
         tau = (theta0 + settings.alpha * tau).to(DTYPES[unit.dtype])
-    tau = tau.cpu()
+    return _split_to_sources(unit, tau.cpu())
+
+
+def _split_to_sources(unit: MergeUnit, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A unit's result under its stored keys (a fused q/k/v result splits back in three)."""
     if not unit.shape:
-        return {unit.sources[0]: tau}
-    return dict(zip(unit.sources, tau.split(list(unit.rows))))
+        return {unit.sources[0]: tensor}
+    return dict(zip(unit.sources, tensor.split(list(unit.rows))))
 
 
 def run_shard(job: ShardJob) -> dict[str, Any]:

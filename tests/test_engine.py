@@ -282,3 +282,13 @@ def test_resume_never_reuses_files_when_an_input_changed(tiny_example, tmp_path)
     report = merge(example, tmp_path / "out", "iso_c", resume=True)
     assert report["resumed_files"] == []
     assert sorted(os.listdir(tmp_path)) == ["base", "out"]
+
+
+def test_in_process_merge_gives_the_callers_thread_count_back(tiny_example, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge(tiny_example, tmp_path / "m", "iso_c", threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
