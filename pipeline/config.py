@@ -69,8 +69,8 @@ class MergeConfig:
         if not 0 < self.gpus_per_task <= 1 and not float(self.gpus_per_task).is_integer():
             raise InputError(f"--gpus-per-task must be a fraction in (0, 1] or a whole number, "
                              f"got {self.gpus_per_task}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise InputError(f"--alpha must be > 0, got {self.alpha}")
+        if self.alpha is not None and not 0 < self.alpha < float("inf"):
+            raise InputError(f"--alpha must be a finite number > 0, got {self.alpha}")
         parse_size(self.max_shard_size)
 
     @property

@@ -291,7 +291,15 @@ def test_alpha_rules():
         get_method("average").alpha_for(8, 0.5)
     with pytest.raises(InputError, match="needs --alpha"):
         get_method("iso_c").alpha_for(8, None)
-    with pytest.raises(InputError):
-        get_method("iso_c").alpha_for(8, -1.0)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(InputError):
+            get_method("iso_c").alpha_for(8, bad)
     assert get_method("tsv_m").alpha_grid[0] == 0.1 and len(get_method("tsv_m").alpha_grid) == 30
     assert get_method("ties").alpha_grid[-1] == 1.0 and len(get_method("ties").alpha_grid) == 30
+
+
+def test_iso_cts_fraction_too_small_for_the_rank_is_a_clear_error():
+    """r=14, T=8, f=0.1: c0=1, ts=round(13/8)*8=16 > 14, so c would be -2."""
+    assert iso_cts_dimensions(14, 8, 0.1) == (-2, 2)
+    with pytest.raises(InputError, match="no valid split"):
+        iso_cts(torch.randn(8, 14, 20), common_space_fraction=0.1)

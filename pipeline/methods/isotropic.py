@@ -47,6 +47,9 @@ def iso_cts(deltas: torch.Tensor, *, common_space_fraction: float = 0.8) -> torc
     num_tasks, rows, cols = deltas.shape
     r = min(rows, cols)
     common, per_task = iso_cts_dimensions(r, num_tasks, common_space_fraction)
+    if common < 0:  # the official arithmetic has no answer: rounding made T p exceed r
+        raise InputError(f"iso_cts: common_space_fraction={common_space_fraction} leaves no "
+                         f"valid split of rank {r} among {num_tasks} tasks; use a larger one")
     u, s, vh = svd(deltas.sum(dim=0))
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
     u_all = deltas.new_zeros(rows, r)

@@ -65,8 +65,8 @@ class MethodSpec:
             raise InputError(f"method {self.name!r} needs --alpha: the papers choose it on "
                              f"validation data from {self.alpha_grid[0]:g}..{self.alpha_grid[-1]:g} "
                              f"(use `sweep`), or pass the value you want")
-        if not alpha > 0:
-            raise InputError(f"alpha must be > 0, got {alpha}")
+        if not 0 < alpha < float("inf"):
+            raise InputError(f"alpha must be a finite number > 0, got {alpha}")
         return float(alpha)
 
 
