@@ -175,3 +175,23 @@ def test_index_pointing_outside_the_directory_is_refused(tmp_path):
         json.dumps({"weight_map": {"a": "../x.safetensors"}}))
     with pytest.raises(CorruptFileError, match="outside"):
         open_checkpoint(str(tmp_path))
+
+
+def test_index_listing_a_key_its_shard_lacks_is_a_clear_error(tmp_path):
+    write_safetensors(str(tmp_path / "a.safetensors"), {"x": torch.ones(2)})
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "a.safetensors", "y": "a.safetensors"}}))
+    ckpt = open_checkpoint(str(tmp_path))
+    with pytest.raises(CorruptFileError, match="has no key 'y'"):
+        ckpt.read("y")
+
+
+def test_uri_base_config_is_copied(tmp_path):
+    from pipeline.config import MergeConfig
+    from pipeline.engine import run_merge
+    from pipeline.examples import write_example
+    base, tuned = write_example(str(tmp_path / "in"), "tiny", num_tasks=2)
+    run_merge(MergeConfig(base=f"file://{base}", finetuned=tuned, method="iso_c", alpha=1.0,
+                          out=str(tmp_path / "out"), engine="local"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
+        json.loads(open(os.path.join(base, "config.json")).read())

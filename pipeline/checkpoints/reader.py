@@ -59,13 +59,19 @@ class Checkpoint:
         return sorted(self._key_to_file)
 
     def spec(self, key: str) -> TensorSpec:
-        return self._handle(self._file_of(key)).specs[key]
+        file = self._file_of(key)
+        try:
+            return self._handle(file).specs[key]
+        except KeyError:
+            raise CorruptFileError(f"{file}: has no key {key!r}, but the index of "
+                                   f"{self.location} says it does") from None
 
     def specs(self) -> dict[str, TensorSpec]:
         return {k: self.spec(k) for k in self.keys()}
 
     # -- data -------------------------------------------------------------------------------
     def read(self, key: str) -> torch.Tensor:
+        self.spec(key)  # a lying index is a clear error, not a KeyError
         return self._handle(self._file_of(key)).read(key)
 
     def close(self) -> None:
