@@ -28,7 +28,7 @@ from .checkpoints import StagedOutput, check_compatible, open_checkpoint
 from .checkpoints.output import done_marker
 from .checkpoints.reader import Checkpoint
 from .checkpoints.scan import scan_file
-from .checkpoints.storage import is_uri, read_bytes
+from .checkpoints.storage import is_uri
 from .config import MergeConfig
 from .errors import InputError, OutputError, PipelineError
 from .executors import make_executor
@@ -120,8 +120,7 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
             units = build_units(specs, config.fuse_qkv)
             out.write_json("tsv_c.json", _artefact_meta(units, settings, config))
         if mode == "model" and base.config_location:
-            with open(out.file("config.json"), "wb") as f:
-                f.write(read_bytes(base.config_location))
+            out.copy_in(base.config_location, "config.json")
         timings["total"] = time.perf_counter() - t_start
         report = _report(config, method.name, params, alpha, mode, statistics, inputs,
                          executor, shards, manifests, written, timings)

@@ -8,7 +8,6 @@ and `tsv_c.json` saying how fused units split back into stored keys.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
@@ -69,7 +68,6 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
         staged.write_json("model.safetensors.index.json",
                           {"metadata": {"source": artefact, "task": task},
                            "weight_map": dict(sorted(weight_map.items()))})
-        if theta0.config_location and os.path.exists(theta0.config_location):
-            with open(theta0.config_location) as src:
-                staged.write_json("config.json", json.load(src))
+        if theta0.config_location:
+            staged.copy_in(theta0.config_location, "config.json")
         return staged.commit()

@@ -193,5 +193,10 @@ def test_uri_base_config_is_copied(tmp_path):
     base, tuned = write_example(str(tmp_path / "in"), "tiny", num_tasks=2)
     run_merge(MergeConfig(base=f"file://{base}", finetuned=tuned, method="iso_c", alpha=1.0,
                           out=str(tmp_path / "out"), engine="local"))
-    assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
-        json.loads(open(os.path.join(base, "config.json")).read())
+    expected = json.loads(open(os.path.join(base, "config.json")).read())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == expected
+    from pipeline.tsv_c_artefact import expand_task
+    run_merge(MergeConfig(base=f"file://{base}", finetuned=tuned, method="tsv_c",
+                          out=str(tmp_path / "art"), engine="local"))
+    expand_task(str(tmp_path / "art"), f"file://{base}", 0, str(tmp_path / "task0"))
+    assert json.loads((tmp_path / "task0" / "config.json").read_text()) == expected

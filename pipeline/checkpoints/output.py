@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from ..errors import InputError, OutputError
+from .storage import read_bytes
 
 STAGING_MARK = ".merge-staging-"
 
@@ -80,6 +81,11 @@ class StagedOutput:
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json_atomic(self.file(name), obj)
+
+    def copy_in(self, location: str, name: str) -> None:
+        """Copy a small file (a base's config.json) from a local path or URI into the output."""
+        with open(self.file(name), "wb") as f:
+            f.write(read_bytes(location))
 
     def commit(self) -> str:
         for name in os.listdir(self.path):

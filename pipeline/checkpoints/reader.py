@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import CorruptFileError, InputError
