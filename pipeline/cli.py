@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=os.path.join(".cache", "demo"))
     demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
+    from .evaluation.commands import add_parsers
+    add_parsers(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -16,6 +17,16 @@ def tiny_example(tmp_path_factory):
     from pipeline.examples import write_example
     root = tmp_path_factory.mktemp("tiny_example")
     return write_example(str(root), "tiny", num_tasks=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """The `tiny` benchmark suite, built once per session: (directory, cache root, seconds)."""
+    from pipeline.suites.build import ensure_suite
+    cache = str(tmp_path_factory.mktemp("suite_cache"))
+    t0 = time.perf_counter()
+    path = ensure_suite("tiny", cache, log=lambda *_: None)
+    return path, cache, time.perf_counter() - t0
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "ray_jobs"))
 
 from merge import job_argv  # noqa: E402
+from evaluate import job_argv as evaluate_job_argv  # noqa: E402
 
 
 def test_inside_a_ray_job_the_entrypoint_joins_the_cluster(monkeypatch):
@@ -23,6 +24,29 @@ def test_inside_a_ray_job_the_entrypoint_joins_the_cluster(monkeypatch):
     monkeypatch.delenv("RAY_JOB_ID")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert job_argv(["--config", "c.yaml"]) == ["merge", "--config", "c.yaml"]
+
+
+def test_evaluate_entrypoint_defaults_to_bench_and_joins_the_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_ID", "02000000")
+    assert evaluate_job_argv(["--out", "o"]) == ["bench", "--out", "o", "--address", "auto"]
+    assert evaluate_job_argv(["sweep", "--engine", "local"]) == ["sweep", "--engine", "local"]
+
+
+@pytest.mark.slow
+def test_evaluate_job_runs_a_bench_on_embedded_ray(tiny_suite, tmp_path):
+    suite_dir = tiny_suite[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["MERGE_PIPELINE_PROGRESS"] = "0"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "ray_jobs", "evaluate.py"),
+                             "bench", "--suite", suite_dir, "--tasks", "2", "--methods",
+                             "task_arithmetic", "--workers", "2", "--out",
+                             str(tmp_path / "bench")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert summary["evaluation"]["engine"] == "ray"
+    assert summary["evaluation"]["evaluators"] == 2
+    assert set(summary["rows"]) == {"zero_shot", "finetuned", "task_arithmetic"}
 
 
 @pytest.mark.slow

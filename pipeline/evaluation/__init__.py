@@ -1,0 +1,1 @@
+"""Evaluation: the CLIP vision model, task data and heads, actor pools, alpha search."""

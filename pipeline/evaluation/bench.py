@@ -1,0 +1,207 @@
+"""The benchmark: build the suite, merge with each method, search alpha, report accuracies.
+
+Per method the merged task vector is computed once (`--output task_vector` of the merge
+engine); the alpha search only rescales it inside the evaluators. Rows are written as JSON
+(summary.json) and as a flat parquet table (one row per method x task x split), so nightly
+runs can be appended to a history and compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..checkpoints.output import write_json_atomic
+from ..config import MergeConfig
+from ..engine import library_versions, run_merge
+from ..errors import InputError
+from ..methods.registry import get_method
+from ..suites.build import ensure_suite
+from .data import TaskData, load_task
+from .pool import EvaluationPool
+from .search import absolute, normalized, select_alpha
+from .weights import Weights
+
+# TSV-C is a compression method (one rebuilt model per task), not a merge: not in the table.
+DEFAULT_METHODS = ("average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
+
+
+@dataclass
+class BenchOptions:
+    suite: str = "standard"
+    tasks: int | None = None
+    methods: Sequence[str] = DEFAULT_METHODS
+    out: str = "bench-out"
+    engine: str = "ray"
+    workers: int | None = None
+    address: str | None = None
+    device: str = "auto"
+    early_stop: bool = False
+    cache: str | None = None
+    overwrite: bool = False
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def suite_tasks(suite_dir: str, count: int | None) -> list[str]:
+    with open(os.path.join(suite_dir, "suite.json"), encoding="utf-8") as fh:
+        names = [t["name"] for t in json.load(fh)["tasks"]]
+    if count is None:
+        return names
+    if not 1 <= count <= len(names):
+        raise InputError(f"--tasks must be between 1 and {len(names)} for this suite, "
+                         f"got {count}")
+    return names[:count]
+
+
+def accuracies(pool: EvaluationPool, weights: Sequence[Weights], tasks: Sequence[str],
+               split: str, desc: str) -> list[dict[str, float]]:
+    """Per weights, per task accuracy on `split`; one pool call for everything."""
+    requests = [(w, t, split) for w in weights for t in tasks]
+    counts = iter(pool.counts(requests, desc))
+    return [{t: (lambda c: c[0] / c[1])(next(counts)) for t in tasks} for _ in weights]
+
+
+def reference_rows(pool: EvaluationPool, suite_dir: str, tasks: Sequence[str]
+                   ) -> dict[str, dict[str, dict[str, float]]]:
+    """Zero-shot (theta_0) and fine-tuned (theta_t on task t) accuracy, val and test."""
+    refs: dict[str, dict[str, dict[str, float]]] = {"zero_shot": {}, "finetuned": {}}
+    requests = [(Weights.base(), t, s) for s in ("val", "test") for t in tasks]
+    requests += [(Weights.model(os.path.join(suite_dir, "finetuned", t)), t, s)
+                 for s in ("val", "test") for t in tasks]
+    counts = pool.counts(requests, "references")
+    for (weights, task, split), (c, n) in zip(requests, counts):
+        row = "zero_shot" if weights.kind == "base" else "finetuned"
+        refs[row].setdefault(split, {})[task] = c / n
+    return refs
+
+
+def sweep_task_vector(pool: EvaluationPool, task_vector: str, tasks: Sequence[str],
+                      grid: Sequence[float], finetuned_val: dict[str, float],
+                      early_stop: bool) -> dict[str, Any]:
+    """Alpha search on validation, then one test evaluation at the chosen alpha."""
+    def validate(alphas: list[float]) -> list[dict[str, float]]:
+        return accuracies(pool, [Weights.delta(task_vector, a) for a in alphas], tasks, "val",
+                          f"sweep {len(alphas)} alpha(s)")
+    search = select_alpha(grid, validate, finetuned_val, early_stop, wave=pool.workers)
+    test = accuracies(pool, [Weights.delta(task_vector, search.alpha)], tasks, "test",
+                      f"test alpha={search.alpha:g}")[0]
+    return {"alpha": search.alpha, "test": test, "sweep": search.evaluated,
+            "stopped_early": search.stopped_early}
+
+
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    methods = [get_method(m) for m in options.methods]  # unknown names fail before any work
+    for m in methods:
+        if m.kind == "compress":
+            raise InputError(f"method {m.name!r} compresses per task; it has no merged model "
+                             f"to benchmark")
+    if os.path.exists(options.out) and not options.overwrite:
+        raise InputError(f"{options.out}: output already exists (pass --overwrite)")
+    executor = None
+    if options.engine == "ray":
+        from ..executors import RayExecutor
+        executor = RayExecutor(options.address, options.workers, device=options.device)
+    suite_dir = ensure_suite(options.suite, options.cache, executor, log)
+    tasks = suite_tasks(suite_dir, options.tasks)
+    base = os.path.join(suite_dir, "pretrained")
+    finetuned = [os.path.join(suite_dir, "finetuned", t) for t in tasks]
+    data: dict[str, TaskData] = {t: load_task(os.path.join(suite_dir, "tasks"), t,
+                                              ("val", "test")) for t in tasks}
+    timings: dict[str, float] = {}
+    # Merges first, then the actors: evaluation actors hold their CPUs/GPUs for their whole
+    # life, and merge tasks queued behind them would wait forever on a small cluster.
+    task_vectors = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        task_vectors[method.name] = os.path.join(options.out, "task_vectors", method.name)
+        run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
+                              out=task_vectors[method.name], output="task_vector",
+                              engine=options.engine, workers=options.workers,
+                              address=options.address, device=options.device, overwrite=True,
+                              params=options.params.get(method.name, {})),
+                  executor=executor)
+        timings[f"merge_{method.name}"] = time.perf_counter() - t0
+    pool = EvaluationPool(base, data, options.engine, options.workers, options.device,
+                          address=options.address)
+    try:
+        t0 = time.perf_counter()
+        refs = reference_rows(pool, suite_dir, tasks)
+        timings["references"] = time.perf_counter() - t0
+        ft_val, ft_test = refs["finetuned"]["val"], refs["finetuned"]["test"]
+        rows = {name: _row(refs[name]["test"], ft_test, None) for name in refs}
+        sweeps = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            grid = (method.fixed_alpha(len(tasks)),) if method.fixed_alpha else method.alpha_grid
+            result = sweep_task_vector(pool, task_vectors[method.name], tasks, grid, ft_val,
+                                       options.early_stop)
+            rows[method.name] = _row(result["test"], ft_test, result["alpha"])
+            sweeps[method.name] = result["sweep"]
+            timings[f"sweep_{method.name}"] = time.perf_counter() - t0
+            log(f"  {method.name}: alpha={result['alpha']:g}  "
+                f"normalized {100 * rows[method.name]['normalized']:.1f}%  "
+                f"absolute {100 * rows[method.name]['absolute']:.1f}%  "
+                f"(merge {timings[f'merge_{method.name}']:.0f} s, "
+                f"sweep {timings[f'sweep_{method.name}']:.0f} s)")
+    finally:
+        pool.close()
+    timings["total"] = time.perf_counter() - t_start
+    summary = {"suite": options.suite, "suite_dir": suite_dir, "tasks": tasks,
+               "num_tasks": len(tasks), "rows": rows, "sweeps": sweeps,
+               "evaluation": pool.describe(), "early_stop": options.early_stop,
+               "timings_s": timings, "versions": library_versions()}
+    write_results(options.out, summary)
+    return summary
+
+
+def _row(test: dict[str, float], ft_test: dict[str, float], alpha: float | None
+         ) -> dict[str, Any]:
+    return {"alpha": alpha, "absolute": absolute(test), "normalized": normalized(test, ft_test),
+            "per_task": {t: {"absolute": a, "normalized": a / ft_test[t]}
+                         for t, a in test.items()}}
+
+
+def summary_table(summary: dict[str, Any]) -> pa.Table:
+    """One row per (method, task) plus each method's mean row (task = "mean")."""
+    cols: dict[str, list] = {k: [] for k in ("suite", "num_tasks", "method", "alpha", "task",
+                                             "absolute", "normalized")}
+    for method, row in summary["rows"].items():
+        entries = [(t, v["absolute"], v["normalized"]) for t, v in row["per_task"].items()]
+        entries.append(("mean", row["absolute"], row["normalized"]))
+        for task, acc, norm in entries:
+            for k, v in zip(cols, (summary["suite"], summary["num_tasks"], method,
+                                   row["alpha"], task, acc, norm)):
+                cols[k].append(v)
+    return pa.table(cols)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Markdown: one line per method, accuracy per task (absolute / normalised, %)."""
+    tasks = summary["tasks"]
+    head = ["method", "alpha", "abs", "norm"] + tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in summary["rows"].items():
+        alpha = "-" if row["alpha"] is None else f"{row['alpha']:.3g}"
+        cells = [method, alpha, f"{100 * row['absolute']:.1f}", f"{100 * row['normalized']:.1f}"]
+        cells += [f"{100 * row['per_task'][t]['absolute']:.1f} / "
+                  f"{100 * row['per_task'][t]['normalized']:.0f}" for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: str, summary: dict[str, Any]) -> None:
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
+    tmp = os.path.join(out, ".summary.parquet.tmp")
+    pq.write_table(summary_table(summary), tmp)
+    os.replace(tmp, os.path.join(out, "summary.parquet"))
+    with open(os.path.join(out, ".summary.md.tmp"), "w", encoding="utf-8") as fh:
+        fh.write(format_table(summary) + "\n")
+    os.replace(os.path.join(out, ".summary.md.tmp"), os.path.join(out, "summary.md"))

@@ -1,0 +1,185 @@
+"""The evaluation subcommands of `merge-pipeline`: suite, evaluate, sweep, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..errors import InputError
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["ray", "local"], default="ray",
+                   help="ray actors (default) or one in-process evaluator")
+    p.add_argument("--workers", type=int, help="evaluators / merge workers (default: what Ray "
+                                               "offers: one per CPU, or per GPU)")
+    p.add_argument("--address", help="Ray cluster to join; default: an embedded local one")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--cache", help="where built suites are kept (default: $MERGE_PIPELINE_CACHE "
+                                   "or ~/.cache/merge-pipeline)")
+
+
+def _add_suite_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default="standard",
+                   help="built-in suite name (standard, tiny) or a built suite's directory")
+    p.add_argument("--tasks", type=int, help="use the suite's first N tasks (default: all)")
+
+
+def add_parsers(sub: Any) -> None:
+    suite = sub.add_parser("suite", help="build (or find in the cache) a benchmark suite and "
+                                         "print its directory")
+    _add_suite_options(suite)
+    _add_cluster_options(suite)
+    suite.set_defaults(func=cmd_suite)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy of a model on a suite's tasks")
+    _add_suite_options(evaluate)
+    evaluate.add_argument("--model", help="a CLIP vision model directory (default: the suite's "
+                                          "pre-trained model)")
+    evaluate.add_argument("--task-vector", help="evaluate theta_0 + alpha * this task vector")
+    evaluate.add_argument("--alpha", type=float, default=1.0)
+    evaluate.add_argument("--split", choices=["val", "test"], default="test")
+    evaluate.add_argument("--json", help="also write the result to this JSON file")
+    _add_cluster_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    sweep = sub.add_parser("sweep", help="alpha search for a merged task vector "
+                                         "(validation), then test at the chosen alpha")
+    _add_suite_options(sweep)
+    sweep.add_argument("--task-vector", required=True,
+                       help="output of `merge --output task_vector` on the suite's checkpoints")
+    sweep.add_argument("--method", help="take the method's grid (default grid: 0.1..3.0)")
+    sweep.add_argument("--grid", help="comma-separated alphas instead of the method's grid")
+    sweep.add_argument("--early-stop", action="store_true",
+                       help="stop after 3 alphas without a better mean validation accuracy")
+    sweep.add_argument("--json", help="also write the result to this JSON file")
+    _add_cluster_options(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    bench = sub.add_parser("bench", help="build the suite, merge with each method, search "
+                                         "alpha, write summary.json/.parquet/.md")
+    _add_suite_options(bench)
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated (default: average,task_arithmetic,ties,tsv_m,"
+                            "iso_c,iso_cts)")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--early-stop", action="store_true")
+    bench.add_argument("--overwrite", action="store_true")
+    bench.add_argument("--param", action="append", default=[], metavar="METHOD:NAME=VALUE",
+                       help="a method parameter, e.g. iso_cts:common_space_fraction=0.8")
+    _add_cluster_options(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
+def _executor(args):
+    if args.engine != "ray":
+        return None
+    from ..executors import RayExecutor
+    return RayExecutor(args.address, args.workers, device=args.device)
+
+
+def _pool_for(args, suite_dir: str, tasks: list[str], splits: tuple[str, ...]):
+    from .data import load_task
+    from .pool import EvaluationPool
+    data = {t: load_task(os.path.join(suite_dir, "tasks"), t, splits) for t in tasks}
+    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, args.engine,
+                          args.workers, args.device, address=args.address)
+
+
+def _suite(args) -> tuple[str, list[str]]:
+    from ..suites.build import ensure_suite
+    from .bench import suite_tasks
+    suite_dir = ensure_suite(args.suite, args.cache, _executor(args))
+    return suite_dir, suite_tasks(suite_dir, args.tasks)
+
+
+def cmd_suite(args) -> int:
+    suite_dir, tasks = _suite(args)
+    print(suite_dir)
+    print(f"tasks: {', '.join(tasks)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .bench import accuracies, reference_rows
+    from .search import absolute, normalized
+    from .weights import Weights
+    suite_dir, tasks = _suite(args)
+    if args.model and args.task_vector:
+        raise InputError("give --model or --task-vector (with --alpha), not both")
+    weights = (Weights.model(args.model) if args.model else
+               Weights.delta(args.task_vector, args.alpha) if args.task_vector else
+               Weights.base())
+    pool = _pool_for(args, suite_dir, tasks, ("val", "test"))
+    try:
+        acc = accuracies(pool, [weights], tasks, args.split, "evaluate")[0]
+        finetuned = reference_rows(pool, suite_dir, tasks)["finetuned"][args.split]
+    finally:
+        pool.close()
+    result = {"weights": weights.describe(), "split": args.split, "accuracy": acc,
+              "absolute": absolute(acc), "normalized": normalized(acc, finetuned),
+              "finetuned": finetuned}
+    for t in tasks:
+        print(f"{t:14s} {100 * acc[t]:6.1f}%   (fine-tuned {100 * finetuned[t]:.1f}%)")
+    print(f"{'mean':14s} {100 * result['absolute']:6.1f}%   normalized "
+          f"{100 * result['normalized']:.1f}%")
+    _maybe_write(args.json, result)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from ..methods.registry import SVD_ALPHA_GRID, get_method
+    from .bench import reference_rows, sweep_task_vector
+    from .search import normalized
+    if args.grid:
+        try:
+            grid = tuple(float(a) for a in args.grid.split(","))
+        except ValueError:
+            raise InputError(f"--grid must be comma-separated numbers, got {args.grid!r}") from None
+        if any(not 0 < a < float("inf") for a in grid):
+            raise InputError("--grid alphas must be finite and > 0")
+    else:
+        grid = get_method(args.method).alpha_grid if args.method else SVD_ALPHA_GRID
+        if not grid:
+            raise InputError(f"method {args.method!r} fixes alpha; nothing to sweep")
+    suite_dir, tasks = _suite(args)
+    pool = _pool_for(args, suite_dir, tasks, ("val", "test"))
+    try:
+        refs = reference_rows(pool, suite_dir, tasks)
+        result = sweep_task_vector(pool, args.task_vector, tasks, grid,
+                                   refs["finetuned"]["val"], args.early_stop)
+    finally:
+        pool.close()
+    result["test_normalized"] = normalized(result["test"], refs["finetuned"]["test"])
+    print(f"chosen alpha {result['alpha']:g} (of {len(result['sweep'])} evaluated); test "
+          f"normalized accuracy {100 * result['test_normalized']:.1f}%")
+    _maybe_write(args.json, result)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import DEFAULT_METHODS, BenchOptions, format_table, run_bench
+    from ..config import parse_params
+    params: dict[str, dict[str, Any]] = {}
+    for item in args.param:
+        method, sep, assignment = item.partition(":")
+        if not sep:
+            raise InputError(f"--param must look like METHOD:NAME=VALUE, got {item!r}")
+        params.setdefault(method, {}).update(parse_params([assignment]))
+    methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
+    summary = run_bench(BenchOptions(
+        suite=args.suite, tasks=args.tasks, methods=methods, out=args.out, engine=args.engine,
+        workers=args.workers, address=args.address, device=args.device,
+        early_stop=args.early_stop, cache=args.cache, overwrite=args.overwrite, params=params))
+    print(format_table(summary))
+    print(f"wrote {args.out}/summary.json, summary.parquet, summary.md "
+          f"({summary['timings_s']['total']:.0f} s)")
+    return 0
+
+
+def _maybe_write(path: str | None, result: dict) -> None:
+    if path:
+        from ..checkpoints.output import write_json_atomic
+        write_json_atomic(path, result)
+        print(f"wrote {path}")

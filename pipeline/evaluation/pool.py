@@ -1,0 +1,130 @@
+"""A pool of evaluators: Ray actors (one per GPU, or per CPU slot), or one in-process.
+
+The driver turns each request (weights, task, split) into fixed shards of whole batches, sends
+them to whichever evaluator is free (preferring one that already holds those weights, so a
+sweep does not rewrite parameters per shard), and sums the counts per request. Actors are
+restartable: if one dies mid-sweep, Ray restarts it (it reloads theta_0) and re-runs the call
+that was in flight; counts are integers summed per request, so the result is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from ..errors import PipelineError
+from ..executors import _get, _progress
+from .data import TaskData
+from .evaluator import EVAL_BATCH, Evaluator, Shard
+from .weights import Weights
+
+Request = tuple[Weights, str, str]  # (weights, task, split)
+SHARD_ROWS = 2 * EVAL_BATCH
+MAX_RESTARTS = 3
+
+
+def plan_shards(task: str, split: str, rows: int, shard_rows: int = SHARD_ROWS) -> list[Shard]:
+    shard_rows = max(EVAL_BATCH, shard_rows - shard_rows % EVAL_BATCH)
+    return [Shard(task, split, i, min(rows, i + shard_rows)) for i in range(0, rows, shard_rows)]
+
+
+class EvaluationPool:
+    def __init__(self, base: str, tasks: dict[str, TaskData], engine: str = "ray",
+                 workers: int | None = None, device: str = "auto", threads: int = 1,
+                 gpus_per_actor: float = 1.0, address: str | None = None,
+                 shard_rows: int = SHARD_ROWS):
+        self.tasks = tasks
+        self.shard_rows = shard_rows
+        self.engine = engine
+        if engine == "local":
+            import torch
+            dev = "cuda" if device == "cuda" or (device == "auto" and
+                                                 torch.cuda.is_available()) else "cpu"
+            self._local = Evaluator(base, dev, threads)
+            self.workers, self.device = 1, dev
+            self._data = {(t, s): (*d.splits[s], d.head) for t, d in tasks.items()
+                          for s in d.splits}
+            return
+        import ray
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        self.device = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+        if self.device == "cuda":
+            options = dict(num_cpus=1, num_gpus=gpus_per_actor)
+            available = int(gpus / gpus_per_actor)
+        else:
+            options = dict(num_cpus=threads, num_gpus=0)
+            available = int(resources.get("CPU", 1) // threads)
+        self.workers = max(1, min(workers or available, available or 1))
+        actor_cls = ray.remote(Evaluator).options(max_restarts=MAX_RESTARTS,
+                                                  max_task_retries=MAX_RESTARTS, **options)
+        self.actors = [actor_cls.remote(base, self.device, threads)
+                       for _ in range(self.workers)]
+        self._data = {(t, s): ray.put((*d.splits[s], d.head)) for t, d in tasks.items()
+                      for s in d.splits}
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.engine, "evaluators": self.workers, "device": self.device,
+                "shard_rows": self.shard_rows, "batch": EVAL_BATCH}
+
+    def actor_pids(self) -> list[int]:
+        import ray
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def counts(self, requests: Sequence[Request], desc: str = "evaluate"
+               ) -> list[tuple[int, int]]:
+        """(correct, total) per request, identical whatever the number of evaluators."""
+        items = []
+        for r, (weights, task, split) in enumerate(requests):
+            if task not in self.tasks or split not in self.tasks[task].splits:
+                raise PipelineError(f"no data for task {task!r} split {split!r}")
+            rows = len(self.tasks[task].splits[split][1])
+            items += [(r, weights, shard) for shard in plan_shards(task, split, rows,
+                                                                   self.shard_rows)]
+        totals = [[0, 0] for _ in requests]
+        with _progress(len(items), desc) as bar:
+            for r, (correct, total) in self._run(items, bar):
+                totals[r][0] += correct
+                totals[r][1] += total
+        return [(c, t) for c, t in totals]
+
+    def _run(self, items, bar):
+        if self.engine == "local":
+            for r, weights, shard in items:
+                yield r, self._local.count(weights, shard, self._data[(shard.task, shard.split)])
+                bar.update(1)
+            return
+        import ray
+        queue = list(items)
+        holding: dict[int, Weights | None] = {i: None for i in range(len(self.actors))}
+        idle = list(range(len(self.actors)))
+        pending: dict[Any, tuple[int, int]] = {}
+        try:
+            while queue or pending:
+                while idle and queue:
+                    a = idle.pop(0)
+                    # Prefer work on the weights this actor already holds.
+                    pick = next((i for i, it in enumerate(queue) if it[1] == holding[a]), 0)
+                    r, weights, shard = queue.pop(pick)
+                    holding[a] = weights
+                    ref = self.actors[a].count.remote(weights, shard,
+                                                      self._data[(shard.task, shard.split)])
+                    pending[ref] = (a, r)
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    a, r = pending.pop(ref)
+                    idle.append(a)
+                    yield r, _get(ref)
+                    bar.update(1)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+
+    def close(self) -> None:
+        if self.engine != "local":
+            import ray
+            for actor in self.actors:
+                ray.kill(actor)

@@ -1,0 +1,279 @@
+"""Evaluation: the model matches the real CLIP architecture, alpha selection follows the spec,
+the actor pool counts exactly what one process counts, and the tiny suite behaves like a
+merging benchmark (merged accuracy between zero-shot and fine-tuned)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import InputError
+from pipeline.evaluation.search import (EARLY_STOP_PATIENCE, absolute, normalized,
+                                        select_alpha)
+from pipeline.evaluation.vit import ClipVisionTower, VisionConfig, init_clip_weights
+from pipeline.evaluation.weights import Weights
+
+SMALL = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, image_size=16, patch_size=4, projection_dim=24)
+
+
+# ---- the model is CLIP's --------------------------------------------------------------------
+
+def test_vision_tower_matches_transformers_clip():
+    transformers = pytest.importorskip("transformers")
+    ours = ClipVisionTower(SMALL)
+    init_clip_weights(ours, seed=3)
+    hf = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**{k: v for k, v in SMALL.to_hf_dict().items()
+                                         if k not in ("model_type", "architectures")}))
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing)
+    pixels = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels).image_embeds
+        got = ours(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loads_a_transformers_saved_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pipeline.evaluation.evaluator import Evaluator
+    hf = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**{k: v for k, v in SMALL.to_hf_dict().items()
+                                         if k not in ("model_type", "architectures")}))
+    hf.save_pretrained(tmp_path)
+    evaluator = Evaluator(str(tmp_path))
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluator.model(pixels),
+                                   hf(pixel_values=pixels).image_embeds, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    from pipeline.suites.build import save_model
+    from pipeline.evaluation.evaluator import Evaluator
+    save_model(ClipVisionTower(SMALL), str(tmp_path / "m"))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="encoder.layers.2"):
+        Evaluator(str(tmp_path / "m"))
+    os.remove(tmp_path / "m" / "config.json")
+    with pytest.raises(InputError, match="no config.json"):
+        Evaluator(str(tmp_path / "m"))
+
+
+# ---- metrics and alpha selection (spec section 4) -----------------------------------------
+
+def test_normalized_is_a_mean_of_ratios():
+    acc, ft = {"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9}
+    assert normalized(acc, ft) == pytest.approx((0.5 + 1.0) / 2)
+    assert normalized(acc, ft) != pytest.approx(absolute(acc) / absolute(ft))
+
+
+def _stub(curve):
+    """Validation accuracies of two tasks from a curve alpha -> (acc_a, acc_b)."""
+    seen = []
+
+    def validate(alphas):
+        seen.extend(alphas)
+        return [dict(zip("ab", curve(a))) for a in alphas]
+    return validate, seen
+
+
+def test_select_alpha_is_the_argmax_of_normalized_validation_accuracy():
+    grid = [0.1 * i for i in range(1, 31)]
+    # Task a peaks at 1.2, task b at 2.0; b's fine-tuned accuracy is low, so normalising
+    # moves the optimum of the mean towards b: argmax of the normalised mean is 1.6-ish.
+    ft = {"a": 1.0, "b": 0.5}
+    curve = lambda x: (0.9 - 0.1 * (x - 1.2) ** 2, 0.45 - 0.1 * (x - 2.0) ** 2)
+    validate, seen = _stub(curve)
+    result = select_alpha(grid, validate, ft)
+    expected = max(grid, key=lambda x: (curve(x)[0] / 1.0 + curve(x)[1] / 0.5))
+    assert result.alpha == expected
+    assert seen == grid  # every alpha, validation only
+    assert max(grid, key=lambda x: sum(curve(x))) != expected  # normalising mattered
+
+
+def test_select_alpha_takes_the_first_of_ties():
+    validate, _ = _stub(lambda x: (0.5, 0.5) if x < 0.25 else (0.7, 0.7))
+    assert select_alpha([0.1, 0.2, 0.3, 0.4], validate, {"a": 1, "b": 1}).alpha == 0.3
+
+
+def test_early_stopping_follows_the_spec_and_ignores_wave_size():
+    grid = [0.1 * i for i in range(1, 31)]
+    curve = lambda x: (1 - abs(x - 0.7), 1 - abs(x - 0.7))
+    results = []
+    for wave in (1, 4, 30):
+        validate, seen = _stub(curve)
+        result = select_alpha(grid, validate, {"a": 1, "b": 1}, early_stop=True, wave=wave)
+        assert result.stopped_early
+        results.append((result.alpha, [r["alpha"] for r in result.evaluated]))
+    assert all(r == results[0] for r in results)
+    alpha, evaluated = results[0]
+    assert alpha == grid[6]
+    assert len(evaluated) == 7 + EARLY_STOP_PATIENCE
+
+
+class _RecordingPool:
+    """A pool whose accuracy is a known function of (alpha, task, split); records requests."""
+    workers = 2
+
+    def __init__(self):
+        self.requests = []
+
+    def counts(self, requests, desc=""):
+        self.requests.extend(requests)
+        out = []
+        for weights, task, split in requests:
+            peak = {"val": 1.5, "test": 0.5}[split]  # test would pull alpha elsewhere
+            acc = max(0.0, 0.9 - 0.2 * abs(weights.alpha - peak))
+            out.append((round(1000 * acc), 1000))
+        return out
+
+
+def test_sweep_never_looks_at_test_before_choosing():
+    from pipeline.evaluation.bench import sweep_task_vector
+    pool = _RecordingPool()
+    grid = [0.1 * i for i in range(1, 31)]
+    result = sweep_task_vector(pool, "tv", ["x", "y"], grid, {"x": 1.0, "y": 1.0}, False)
+    assert result["alpha"] == pytest.approx(1.5)
+    splits = [split for _, _, split in pool.requests]
+    first_test = splits.index("test")
+    assert "test" not in splits[:first_test] and set(splits[first_test:]) == {"test"}
+    assert {w.alpha for w, _, s in pool.requests if s == "test"} == {result["alpha"]}
+
+
+# ---- the tiny suite, end to end ------------------------------------------------------------
+
+def _pool(suite_dir, tasks, engine, **kw):
+    from pipeline.evaluation.data import load_task
+    from pipeline.evaluation.pool import EvaluationPool
+    data = {t: load_task(os.path.join(suite_dir, "tasks"), t, ("val", "test")) for t in tasks}
+    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, engine, **kw)
+
+
+def test_tiny_suite_builds_once_and_is_cached(tiny_suite):
+    from pipeline.suites.build import ensure_suite
+    path, cache, seconds = tiny_suite
+    assert seconds < 120
+    meta = json.loads(open(os.path.join(path, "suite.json")).read())
+    assert [t["name"] for t in meta["tasks"]] == ["digits", "shapes", "orientation", "hue"]
+    logged = []
+    assert ensure_suite("tiny", cache, log=logged.append) == path and not logged
+    assert not [d for d in os.listdir(os.path.dirname(path)) if d.startswith(".")]
+
+
+def test_real_data_splits_are_disjoint():
+    from pipeline.suites.tasks import make_split
+    rows = {s: {bytes(x) for x in make_split("digits", s, 10_000, 0, 32)[0]}
+            for s in ("train", "val", "test")}
+    assert sum(map(len, rows.values())) > 1700
+    assert not (rows["train"] & rows["test"]) and not (rows["val"] & rows["test"])
+
+
+def test_generated_tasks_are_deterministic():
+    from pipeline.suites.tasks import TASKS, make_split
+    for task in TASKS:
+        a, b = make_split(task, "val", 20, 7, 32), make_split(task, "val", 20, 7, 32)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), task
+        assert not np.array_equal(a[0], make_split(task, "test", 20, 7, 32)[0]), task
+
+
+def test_pool_counts_equal_single_process_counts(tiny_suite, ray_cluster):
+    path, _, _ = tiny_suite
+    tasks = ["digits", "hue"]
+    tv = os.path.join(path, "finetuned", "digits")  # any checkpoint-shaped tensors will do
+    requests = [(w, t, s) for w in (Weights.base(), Weights.model(tv),
+                                    Weights.delta(tv, 0.05), Weights.delta(tv, 0.1))
+                for t in tasks for s in ("val", "test")]
+    local = _pool(path, tasks, "local")
+    expected = local.counts(requests)
+    for workers in (1, 3):
+        pool = _pool(path, tasks, "ray", workers=workers, shard_rows=100)
+        try:
+            assert pool.counts(requests) == expected
+        finally:
+            pool.close()
+
+
+def test_killed_evaluation_actor_is_restarted_and_counts_are_unchanged(tiny_suite,
+                                                                        ray_cluster):
+    path, _, _ = tiny_suite
+    tasks = ["digits", "shapes", "orientation", "hue"]
+    tv = os.path.join(path, "finetuned", "shapes")
+    requests = [(Weights.delta(tv, a / 10), t, s) for a in range(1, 31) for t in tasks
+                for s in ("val", "test")]
+    expected = _pool(path, tasks, "local").counts(requests)
+    pool = _pool(path, tasks, "ray", workers=2, shard_rows=100)
+    try:
+        victim = pool.actor_pids()[0]
+        result = {}
+        sweep = threading.Thread(target=lambda: result.update(c=pool.counts(requests)))
+        sweep.start()
+        time.sleep(0.3)
+        assert sweep.is_alive(), "sweep finished before the kill; make it longer"
+        os.kill(victim, signal.SIGKILL)
+        sweep.join(timeout=120)
+        assert result["c"] == expected
+        assert victim not in pool.actor_pids()  # the actor really died and was restarted
+    finally:
+        pool.close()
+
+
+def test_merged_accuracy_lies_between_zero_shot_and_finetuned(tiny_suite, tmp_path):
+    from pipeline.evaluation.bench import BenchOptions, run_bench
+    path, cache, _ = tiny_suite
+    summary = run_bench(BenchOptions(suite=path, methods=("task_arithmetic", "tsv_m"),
+                                     out=str(tmp_path / "bench"), engine="local"),
+                        log=lambda *_: None)
+    rows = summary["rows"]
+    n_test = min(json.loads(open(os.path.join(path, "suite.json")).read())["tasks"][i]
+                 ["examples"]["test"] for i in range(4))
+    # Two binomial standard errors of a mean over T tasks: the noise the bounds allow.
+    noise = 2 * math.sqrt(0.25 / (n_test * len(summary["tasks"])))
+    zero, ft = rows["zero_shot"]["absolute"], rows["finetuned"]["absolute"]
+    assert ft > zero + 4 * noise, "fine-tuning must clearly beat zero-shot on the suite"
+    for method in ("task_arithmetic", "tsv_m"):
+        assert zero - noise <= rows[method]["absolute"] <= ft + noise, method
+        assert rows[method]["alpha"] is not None
+    for name in ("summary.json", "summary.parquet", "summary.md"):
+        assert os.path.isfile(tmp_path / "bench" / name)
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "bench" / "summary.parquet").to_pylist()
+    means = {r["method"]: r["normalized"] for r in table if r["task"] == "mean"}
+    assert means["finetuned"] == pytest.approx(1.0)
+    assert means["tsv_m"] == pytest.approx(rows["tsv_m"]["normalized"])
+
+
+def test_cli_evaluate_sweep_and_bench(tiny_suite, tmp_path, capsys):
+    from pipeline.cli import main
+    path, cache, _ = tiny_suite
+    common = ["--suite", path, "--tasks", "2", "--engine", "local"]
+    assert main(["merge", "--base", os.path.join(path, "pretrained"), "--finetuned",
+                 os.path.join(path, "finetuned", "digits"),
+                 os.path.join(path, "finetuned", "shapes"), "--method", "iso_c",
+                 "--output", "task_vector", "--engine", "local",
+                 "--out", str(tmp_path / "tv")]) == 0
+    assert main(["sweep", *common, "--task-vector", str(tmp_path / "tv"), "--grid",
+                 "0.5,1.0,1.5", "--json", str(tmp_path / "sweep.json")]) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["alpha"] in (0.5, 1.0, 1.5) and len(sweep["sweep"]) == 3
+    assert main(["evaluate", *common, "--task-vector", str(tmp_path / "tv"), "--alpha",
+                 str(sweep["alpha"]), "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["accuracy"] == sweep["test"]
+    assert main(["bench", *common, "--methods", "average", "--out",
+                 str(tmp_path / "b")]) == 0
+    assert "| average | 0.5 |" in capsys.readouterr().out
+    assert main(["bench", *common, "--methods", "tsv_c", "--out", str(tmp_path / "c")]) == 2
+    assert main(["sweep", *common, "--task-vector", str(tmp_path / "tv"), "--grid",
+                 "0,1"]) == 2
