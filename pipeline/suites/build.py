@@ -71,7 +71,7 @@ SUITES: dict[str, SuiteSpec] = {
         model=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                            num_attention_heads=4, image_size=32, patch_size=8,
                            projection_dim=64),
-        sizes=(1500, 300, 600), pretrain_steps=800, finetune_steps=150),
+        sizes=(1500, 300, 600), pretrain_steps=800, finetune_steps=150, finetune_lr=1e-3),
     "tiny": SuiteSpec(
         name="tiny", tasks=("digits", "shapes", "orientation", "hue"),
         model=VisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=2,
