@@ -1,7 +1,8 @@
 """An independent float64 reading of ../shared/ALGORITHMS.md, written from the text alone.
 
 Deliberately naive (full SVDs, Python loops, no shared code with `pipeline`), so a bug in the
-package cannot hide behind the same bug here.
+package cannot hide behind the same bug here. `benchmarks/svd_bench.py` also runs it in float32
+as the straightforward per-key implementation the fast paths are timed against.
 """
 
 from __future__ import annotations
@@ -9,67 +10,70 @@ from __future__ import annotations
 import torch
 
 
-def _svd(x):
-    return torch.linalg.svd(x.double(), full_matrices=False)
+F64 = torch.float64
 
 
-def _polar(x):
-    u, _, vh = _svd(x)
+def _svd(x, dtype=F64):
+    return torch.linalg.svd(x.to(dtype), full_matrices=False)
+
+
+def _polar(x, dtype=F64):
+    u, _, vh = _svd(x, dtype)
     return u @ vh
 
 
-def tsv_m(deltas):
+def tsv_m(deltas, dtype=F64):
     T, m, n = deltas.shape
     if T == 1:
-        return deltas[0].double()
+        return deltas[0].to(dtype)
     r = min(m, n)
     k = r // T
-    u_cat, s_cat, vh_cat = torch.zeros(m, r, dtype=torch.float64), \
-        torch.zeros(r, dtype=torch.float64), torch.zeros(r, n, dtype=torch.float64)
+    u_cat, s_cat, vh_cat = torch.zeros(m, r, dtype=dtype), \
+        torch.zeros(r, dtype=dtype), torch.zeros(r, n, dtype=dtype)
     for t in range(T):
-        u, s, vh = _svd(deltas[t])
+        u, s, vh = _svd(deltas[t], dtype)
         u_cat[:, t * k:(t + 1) * k] = u[:, :k]
         s_cat[t * k:(t + 1) * k] = s[:k]
         vh_cat[t * k:(t + 1) * k, :] = vh[:k, :]
-    return _polar(u_cat) @ torch.diag(s_cat) @ _polar(vh_cat)
+    return _polar(u_cat, dtype) @ torch.diag(s_cat) @ _polar(vh_cat, dtype)
 
 
-def iso_c(deltas):
-    u, s, vh = _svd(deltas.double().sum(0))
+def iso_c(deltas, dtype=F64):
+    u, s, vh = _svd(deltas.to(dtype).sum(0), dtype)
     return s.mean() * u @ vh
 
 
-def iso_cts(deltas, f=0.8):
+def iso_cts(deltas, f=0.8, dtype=F64):
     T, m, n = deltas.shape
     r = min(m, n)
     c0 = int(r * f)
     ts = round((r - c0) / T) * T
     c = r - ts
     p = (r - c) // T
-    u, s, vh = _svd(deltas.double().sum(0))
+    u, s, vh = _svd(deltas.to(dtype).sum(0), dtype)
     uc, sc, vhc = u[:, :c], s[:c], vh[:c]
-    u_all = torch.zeros(m, r, dtype=torch.float64)
-    s_all = torch.zeros(r, dtype=torch.float64)
-    vh_all = torch.zeros(r, n, dtype=torch.float64)
+    u_all = torch.zeros(m, r, dtype=dtype)
+    s_all = torch.zeros(r, dtype=dtype)
+    vh_all = torch.zeros(r, n, dtype=dtype)
     for t in range(T):
-        d = deltas[t].double()
+        d = deltas[t].to(dtype)
         w = d - uc @ (uc.T @ d)
-        ut, st, vht = _svd(w)
+        ut, st, vht = _svd(w, dtype)
         u_all[:, t * p:(t + 1) * p] = ut[:, :p]
         s_all[t * p:(t + 1) * p] = st[:p]
         vh_all[t * p:(t + 1) * p] = vht[:p]
     u_all[:, T * p:T * p + c] = uc
     s_all[T * p:T * p + c] = sc
     vh_all[T * p:T * p + c] = vhc
-    return s_all.mean() * _polar(u_all) @ _polar(vh_all)
+    return s_all.mean() * _polar(u_all, dtype) @ _polar(vh_all, dtype)
 
 
-def tsv_c(deltas):
+def tsv_c(deltas, dtype=F64):
     T, m, n = deltas.shape
     k = min(m, n) // T
     out = []
     for t in range(T):
-        u, s, vh = _svd(deltas[t])
+        u, s, vh = _svd(deltas[t], dtype)
         out.append(u[:, :k] @ torch.diag(s[:k]) @ vh[:k])
     return torch.stack(out)
 

@@ -74,7 +74,9 @@ def test_iso_cts_of_one_task_is_iso_c(shape):
 def test_isotropic_outputs_have_a_flat_spectrum(name, T, shape):
     out = MATRIX_METHODS[name](full_rank(T, *shape, dtype=torch.float64))
     s = torch.linalg.svdvals(out)
-    assert float((s.max() - s.min()) / s.mean()) < 1e-10
+    # Polar factors come from float64 Gram matrices: orthonormal to ~eps * cond^2, and these
+    # square Gaussian sums have cond ~1e2-1e3.
+    assert float((s.max() - s.min()) / s.mean()) < 1e-8
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -244,6 +246,77 @@ def test_radix_select_over_shards_is_exactly_kthvalue(dtype, k):
             select.add(digit_histograms(flat, select.level, select.prefixes))
         select.advance()
     assert torch.equal(select.thresholds(), expected)
+
+
+# -- the float64 Gram fast paths on realistic and hard spectra -----------------------------------
+def power_law_tasks(T, m, n, seed=0, decay=0.7):
+    """Full-rank tasks with power-law spectra and a shared part, like real fine-tuning deltas."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    scale = torch.arange(1, r + 1, dtype=torch.float32) ** -decay
+
+    def draw():
+        return (torch.randn(m, r, generator=g) * scale) @ torch.randn(r, n, generator=g)
+    shared = draw()
+    return torch.stack([0.5 * shared + draw() for _ in range(T)])
+
+
+def cancelling_tasks(T, m, n, seed=0, floor=1e-4):
+    """Tasks whose parts cancel in the sum: the summed matrix has 2 T strong directions and a
+    tail of singular values `floor` times smaller (a near-rank-deficient sum)."""
+    g = torch.Generator().manual_seed(seed)
+    strong = [torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) for _ in range(T)]
+    cancel = torch.randn(T, m, n, generator=g)
+    cancel -= cancel.mean(0)
+    tail = floor * torch.randn(T, m, n, generator=g)
+    return (torch.stack(strong) + cancel + tail).double().float()
+
+
+FAST_PATH_SHAPES = [(96, 96), (160, 64), (64, 160)]  # square, tall (n-side Gram), wide
+
+
+@pytest.mark.parametrize("shape", FAST_PATH_SHAPES)
+@pytest.mark.parametrize("T", [3, 8])
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts"])
+def test_fast_paths_match_float64_spec_on_power_law_spectra(name, T, shape):
+    d = power_law_tasks(T, *shape, seed=T + shape[0])
+    with numerics_log() as log:
+        got = MATRIX_METHODS[name](d)
+    assert got.dtype == torch.float32
+    assert rel(got, getattr(ref, name)(d)) <= 1e-5  # ten times tighter than the spec asks
+    assert log.events == []  # well-conditioned: no fallback needed
+
+
+@pytest.mark.parametrize("shape", FAST_PATH_SHAPES)
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts"])
+def test_near_rank_deficient_sums_match_float64_spec(name, shape):
+    """The flattening gives the tail directions full weight, so they must be right too; the
+    float32 reference SVD is not (it is shown to miss by far more than our result)."""
+    d = cancelling_tasks(4, *shape, seed=shape[1])
+    s = torch.linalg.svdvals(d.double().sum(0))
+    assert float(s[-1] / s[0]) < 1e-3  # the sum really is near rank-deficient
+    expected = getattr(ref, name)(d)
+    got = MATRIX_METHODS[name](d)
+    assert rel(got, expected) <= 1e-4
+    assert rel(got, expected) < rel(getattr(ref, name)(d, dtype=torch.float32), expected)
+
+
+@pytest.mark.parametrize("shape", FAST_PATH_SHAPES)
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts"])
+def test_untrusted_gram_falls_back_to_float64_svd_and_records_it(name, shape):
+    """Singular values 1e-7 of the largest (in the sum, or among a task's top k) are beyond
+    what a float64 Gram resolves."""
+    m, n = shape
+    g = torch.Generator().manual_seed(5)
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.logspace(0, -14 if name == "tsv_m" else -7, r, dtype=torch.float64)
+    d = torch.stack([(u * spectrum) @ v.T, (u * spectrum.flip(0)) @ v.T * 1e-9])
+    with numerics_log() as log:
+        got = MATRIX_METHODS[name](d)
+    assert any("float64 SVD" in event for event in log.events), log.events
+    assert rel(got, getattr(ref, name)(d)) <= 1e-6
 
 
 # -- robustness and the registry ---------------------------------------------------------------

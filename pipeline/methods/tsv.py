@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import polar, svd
+from .linalg import polar_and_spectrum, top_svd
 from .registry import SVD_ALPHA_GRID, register
 
 
@@ -20,33 +20,34 @@ def tsv_rank(rows: int, cols: int, num_tasks: int) -> int:
 
 
 def top_triplets(deltas: torch.Tensor, rank: int):
-    """Stacked top-`rank` SVD factors of each task matrix: (T, m, k), (T, k), (T, k, n)."""
-    factors = [svd(delta) for delta in deltas]
-    u = torch.stack([f[0][:, :rank] for f in factors])
-    s = torch.stack([f[1][:rank] for f in factors])
-    vh = torch.stack([f[2][:rank] for f in factors])
-    return u, s, vh
+    """Stacked top-`rank` SVD factors of each task matrix, float64: (T, m, k), (T, k), (T, k, n)."""
+    factors = [top_svd(delta, rank) for delta in deltas]
+    return tuple(torch.stack([f[i] for f in factors]) for i in range(3))
 
 
 @register("tsv_m", "matrix", alpha_grid=SVD_ALPHA_GRID, svds_per_key=lambda t: t + 2)
 def tsv_m(deltas: torch.Tensor) -> torch.Tensor:
-    """polar(U_cat) diag(s_cat) polar(Vh_cat), task t's top-k in block [t k, (t+1) k)."""
+    """polar(U_cat) diag(s_cat) polar(Vh_cat), task t's top-k in block [t k, (t+1) k).
+
+    When T k < r the spec pads U_cat / Vh_cat with zero columns / rows whose singular values
+    are zero; the polar factor's columns for them are arbitrary and then multiplied by zero,
+    so only the T k kept blocks are decomposed: the same result, and no rank-deficient polar.
+    The top-k triplets and the polar factors come from float64 Gram matrices (see linalg)."""
     num_tasks, rows, cols = deltas.shape
     if num_tasks == 1:
         return deltas[0].clone()
     rank = tsv_rank(rows, cols, num_tasks)
     if rank == 0:
         return torch.zeros_like(deltas[0])
-    r = min(rows, cols)
     u, s, vh = top_triplets(deltas, rank)
     kept = num_tasks * rank
-    u_cat = deltas.new_zeros(rows, r)
-    s_cat = deltas.new_zeros(r)
-    vh_cat = deltas.new_zeros(r, cols)
-    u_cat[:, :kept] = u.permute(1, 0, 2).reshape(rows, kept)
-    s_cat[:kept] = s.reshape(kept)
-    vh_cat[:kept] = vh.reshape(kept, cols)
-    return (polar(u_cat) * s_cat) @ polar(vh_cat)
+    u_cat = u.permute(1, 0, 2).reshape(rows, kept)
+    s_cat = s.reshape(kept)
+    vh_cat = vh.reshape(kept, cols)
+    polar_u, _ = polar_and_spectrum(u_cat)
+    polar_vh, _ = polar_and_spectrum(vh_cat)
+    # Both factors are orthonormal: the last product is as accurate in the compute dtype.
+    return (polar_u * s_cat).to(deltas.dtype) @ polar_vh.to(deltas.dtype)
 
 
 @register("tsv_c", "compress", fixed_alpha=lambda num_tasks: 1.0, svds_per_key=lambda t: t)
@@ -54,7 +55,7 @@ def tsv_c(deltas: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per task the top-k factors: k (m + n + 1) numbers per matrix and task instead of m n."""
     num_tasks, rows, cols = deltas.shape
     u, s, vh = top_triplets(deltas, tsv_rank(rows, cols, num_tasks))
-    return {"U": u.contiguous(), "S": s.contiguous(), "Vh": vh.contiguous()}
+    return {"U": u.to(deltas.dtype), "S": s.to(deltas.dtype), "Vh": vh.to(deltas.dtype)}
 
 
 def tsv_c_reconstruct(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
