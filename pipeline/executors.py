@@ -27,6 +27,11 @@ def _progress(total: int, desc: str) -> tqdm:
                 disable=os.environ.get("MERGE_PIPELINE_PROGRESS", "1") == "0")
 
 
+def choose_device(device: str, gpu_available: bool) -> str:
+    """"cuda" when asked for, or on "auto" where a GPU is there; else "cpu"."""
+    return "cuda" if device == "cuda" or (device == "auto" and gpu_available) else "cpu"
+
+
 class LocalExecutor:
     """Runs every shard in this process, one after another (no Ray)."""
 
@@ -36,8 +41,7 @@ class LocalExecutor:
 
     def __init__(self, device: str = "auto"):
         import torch
-        self.device = "cuda" if device == "cuda" or (
-            device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.device = choose_device(device, torch.cuda.is_available())
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
         import torch
@@ -72,7 +76,7 @@ class RayExecutor:
                 ray.init(**kwargs)
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
-        self.device = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+        self.device = choose_device(device, gpus > 0)
         self.threads = threads
         self.gpus_per_task = gpus_per_task if self.device == "cuda" else 0
         if self.device == "cuda":

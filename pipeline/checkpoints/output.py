@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import uuid
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from ..errors import InputError, OutputError
 from .storage import read_bytes
@@ -128,12 +128,13 @@ def done_marker(directory: str, file_name: str) -> str:
     return os.path.join(directory, f".{file_name}{DONE_SUFFIX}")
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_file_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a small file through `write(fh)` under a temporary name, fsync it, rename it into
+    place: a reader sees the old file or the whole new one, never part of it."""
     tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -141,6 +142,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OutputError(f"{path}: write failed ({exc})") from exc
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_file_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _try_lock(directory: str):

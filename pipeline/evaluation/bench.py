@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..checkpoints.output import write_json_atomic
+from ..checkpoints.output import write_file_atomic, write_json_atomic
 from ..config import MergeConfig
 from ..engine import library_versions, run_merge
 from ..errors import InputError
@@ -199,9 +199,7 @@ def format_table(summary: dict[str, Any]) -> str:
 def write_results(out: str, summary: dict[str, Any]) -> None:
     os.makedirs(out, exist_ok=True)
     write_json_atomic(os.path.join(out, "summary.json"), summary)
-    tmp = os.path.join(out, ".summary.parquet.tmp")
-    pq.write_table(summary_table(summary), tmp)
-    os.replace(tmp, os.path.join(out, "summary.parquet"))
-    with open(os.path.join(out, ".summary.md.tmp"), "w", encoding="utf-8") as fh:
-        fh.write(format_table(summary) + "\n")
-    os.replace(os.path.join(out, ".summary.md.tmp"), os.path.join(out, "summary.md"))
+    write_file_atomic(os.path.join(out, "summary.parquet"),
+                      lambda fh: pq.write_table(summary_table(summary), fh))
+    table = format_table(summary) + "\n"
+    write_file_atomic(os.path.join(out, "summary.md"), lambda fh: fh.write(table.encode()))

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Sequence
 
 from ..errors import PipelineError
-from ..executors import _get, _progress
+from ..executors import _get, _progress, choose_device
 from .data import TaskData
 from .evaluator import EVAL_BATCH, Evaluator, Shard
 from .weights import Weights
@@ -38,8 +38,7 @@ class EvaluationPool:
         self.engine = engine
         if engine == "local":
             import torch
-            dev = "cuda" if device == "cuda" or (device == "auto" and
-                                                 torch.cuda.is_available()) else "cpu"
+            dev = choose_device(device, torch.cuda.is_available())
             self._local = Evaluator(base, dev, threads)
             self.workers, self.device = 1, dev
             self._data = {(t, s): (*d.splits[s], d.head) for t, d in tasks.items()
@@ -50,7 +49,7 @@ class EvaluationPool:
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
-        self.device = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+        self.device = choose_device(device, gpus > 0)
         if self.device == "cuda":
             options = dict(num_cpus=1, num_gpus=gpus_per_actor)
             available = int(gpus / gpus_per_actor)

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from ..errors import InputError
-from .linalg import GRAM_TRUST, float64_svd, gram_eigh, polar_and_spectrum, top_svd
+from .linalg import polar_and_spectrum, top_svd, top_svd_and_complement
 from .registry import SVD_ALPHA_GRID, register
 
 
@@ -58,16 +58,8 @@ def _common_subspace(total: torch.Tensor, common: int):
     With m <= n the left singular vectors of the sum are a complete basis of R^m, so every
     residual Delta_t - U_c U_c^T Delta_t equals C (C^T Delta_t) for the complement C: its SVD
     is that of a small (r - c) x n matrix instead of an m x n one."""
-    if total.shape[0] > total.shape[1]:
-        u, s, vh = top_svd(total, common)
-        return u, s, vh, None
-    lam, w = gram_eigh(total, rows=True)
-    if common == 0 or lam[common - 1] > GRAM_TRUST * lam[0]:
-        s = lam[:common].sqrt()
-        u = w[:, :common]
-        return u, s, (u.mT @ total) / s[:, None], w[:, common:]
-    u, s, vh = float64_svd(total, "Iso-CTS common subspace")
-    return u[:, :common], s[:common], vh[:common], u[:, common:]
+    u, s, vh, complement = top_svd_and_complement(total, common, "Iso-CTS common subspace")
+    return u, s, vh, complement if total.shape[0] <= total.shape[1] else None
 
 
 def _orthonormal_columns_polar(u_tasks: torch.Tensor, u_common: torch.Tensor) -> torch.Tensor:
@@ -114,4 +106,4 @@ def iso_cts(deltas: torch.Tensor, *, common_space_fraction: float = 0.8) -> torc
     else:  # U_c = M V_c / s_c is orthonormal only to Gram accuracy: decompose it all
         polar_u, _ = polar_and_spectrum(torch.cat([u_res, u_c], dim=1))
     polar_vh, _ = polar_and_spectrum(vh_all)
-    return s_all.mean().item() * (polar_u.to(deltas.dtype) @ polar_vh.to(deltas.dtype))
+    return s_all.mean().to(deltas.dtype) * (polar_u.to(deltas.dtype) @ polar_vh.to(deltas.dtype))

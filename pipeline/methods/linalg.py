@@ -93,13 +93,6 @@ def _robust_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
 
 
-def polar(x: torch.Tensor) -> torch.Tensor:
-    """The orthonormal polar factor `P Q` of `x = P diag(.) Q`: the nearest matrix with
-    orthonormal columns (or rows) to x."""
-    u, _, vh = svd(x)
-    return u @ vh
-
-
 # The fast paths below decompose the float64 Gram matrix of the short side instead of x.
 # Why: on CPU, eigh of an r x r Gram costs less than an SVD of x (about half for a
 # 1024 x 4096 matrix, where a plain SVD of the wide side costs 3x more again), and float64
@@ -130,18 +123,25 @@ def top_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     Only the short side's Gram is decomposed; the other side's vectors come from one product.
     Sign and basis choices inside repeated singular values differ from LAPACK's, which no
     merge in the spec can see."""
+    return top_svd_and_complement(x, k)[:3]
+
+
+def top_svd_and_complement(x: torch.Tensor, k: int, why: str = "top singular triplets"):
+    """`top_svd`, plus an orthonormal basis of the short side's space orthogonal to the top-k
+    singular vectors there: (m, m - k) when m <= n, else (n, n - k). It comes for free with
+    the Gram's eigenvectors, and lets Iso-CTS decompose residuals in a small frame."""
     xd = x.to(torch.float64)
-    if k == 0:
-        return xd[:, :0], xd.new_zeros(0), xd[:0]
     rows = xd.shape[0] <= xd.shape[1]
     lam, w = gram_eigh(xd, rows)
-    if not lam[k - 1] > GRAM_TRUST * lam[0]:
-        u, s, vh = float64_svd(xd, "top singular triplets")
-        return u[:, :k], s[:k], vh[:k]
-    s, w = lam[:k].sqrt(), w[:, :k]
-    if rows:
-        return w, s, (w.mT @ xd) / s[:, None]
-    return (xd @ w) / s, s, w.mT
+    if k == 0 or lam[k - 1] > GRAM_TRUST * lam[0]:
+        s, top = lam[:k].sqrt(), w[:, :k]
+        if rows:
+            return top, s, (top.mT @ xd) / s[:, None], w[:, k:]
+        return (xd @ top) / s, s, top.mT, w[:, k:]
+    u, s, vh = float64_svd(xd, why)
+    if rows:  # m <= n: u is square
+        return u[:, :k], s[:k], vh[:k], u[:, k:]
+    return u[:, :k], s[:k], vh[:k], vh[k:].mT
 
 
 def polar_and_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
