@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from .errors import InputError, PipelineError
+from .ops_commands import add_history_option, record
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,7 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
                    help="replace an existing output directory")
     p.add_argument("--resume", action="store_true", default=None,
                    help="reuse the verified files of an interrupted run of the same merge")
+    add_history_option(p)
     p.add_argument("--no-input-scan", dest="scan_inputs", action="store_false", default=None,
                    help="skip the up-front read of every input (sha256 for the report, NaN/Inf "
                         "check); workers still refuse non-finite tensors as they read them")
@@ -66,6 +68,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     config = merge_config_from_args(args)
     report = run_merge(config)
     print(summary_line(report, config.out))
+    from .run_rows import merge_rows
+    record(args.history, "merge", lambda ctx: merge_rows(ctx, report, config.base))
     return 0
 
 
@@ -119,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
     from .evaluation.commands import add_parsers
+    from .ops_commands import add_parsers as add_ops_parsers
     add_parsers(sub)
+    add_ops_parsers(sub)
     return parser
 
 

@@ -124,6 +124,8 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
         timings["total"] = time.perf_counter() - t_start
         report = _report(config, method.name, params, alpha, mode, statistics, inputs,
                          executor, shards, manifests, written, timings)
+        report["model"] = {"tensors": len(specs),
+                           "parameters": sum(math.prod(s.shape) for s in specs.values())}
         report["resumed_files"] = sorted(reused)
         out.write_json("merge_report.json", report)
         out.commit()

@@ -117,17 +117,22 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     timings: dict[str, float] = {}
     # Merges first, then the actors: evaluation actors hold their CPUs/GPUs for their whole
     # life, and merge tasks queued behind them would wait forever on a small cluster.
-    task_vectors = {}
+    task_vectors, merges = {}, {}
     for method in methods:
         t0 = time.perf_counter()
         task_vectors[method.name] = os.path.join(options.out, "task_vectors", method.name)
-        run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
+        report = run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
                               out=task_vectors[method.name], output="task_vector",
                               engine=options.engine, workers=options.workers,
                               address=options.address, device=options.device, overwrite=True,
                               params=options.params.get(method.name, {})),
                   executor=executor)
         timings[f"merge_{method.name}"] = time.perf_counter() - t0
+        merges[method.name] = {
+            "params": report["params"], "seconds": timings[f"merge_{method.name}"],
+            "model_parameters": report["model"]["parameters"],
+            "peak_rss_bytes": max((s["peak_rss_bytes"] for s in report["engine"]["shards"]),
+                                  default=None)}
     pool = EvaluationPool(base, data, options.engine, options.workers, options.device,
                           address=options.address)
     try:
@@ -154,7 +159,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         pool.close()
     timings["total"] = time.perf_counter() - t_start
     summary = {"suite": options.suite, "suite_dir": suite_dir, "tasks": tasks,
-               "num_tasks": len(tasks), "rows": rows, "sweeps": sweeps,
+               "num_tasks": len(tasks), "rows": rows, "sweeps": sweeps, "merges": merges,
                "evaluation": pool.describe(), "early_stop": options.early_stop,
                "timings_s": timings, "versions": library_versions()}
     write_results(options.out, summary)

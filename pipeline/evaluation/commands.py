@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
 from ..errors import InputError
+from ..ops_commands import add_history_option, record
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -18,6 +20,11 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--cache", help="where built suites are kept (default: $MERGE_PIPELINE_CACHE "
                                    "or ~/.cache/merge-pipeline)")
+
+
+def _add_recording_options(p: argparse.ArgumentParser) -> None:
+    _add_cluster_options(p)
+    add_history_option(p)
 
 
 def _add_suite_options(p: argparse.ArgumentParser) -> None:
@@ -41,7 +48,7 @@ def add_parsers(sub: Any) -> None:
     evaluate.add_argument("--alpha", type=float, default=1.0)
     evaluate.add_argument("--split", choices=["val", "test"], default="test")
     evaluate.add_argument("--json", help="also write the result to this JSON file")
-    _add_cluster_options(evaluate)
+    _add_recording_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     sweep = sub.add_parser("sweep", help="alpha search for a merged task vector "
@@ -54,7 +61,7 @@ def add_parsers(sub: Any) -> None:
     sweep.add_argument("--early-stop", action="store_true",
                        help="stop after 3 alphas without a better mean validation accuracy")
     sweep.add_argument("--json", help="also write the result to this JSON file")
-    _add_cluster_options(sweep)
+    _add_recording_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     bench = sub.add_parser("bench", help="build the suite, merge with each method, search "
@@ -68,7 +75,7 @@ def add_parsers(sub: Any) -> None:
     bench.add_argument("--overwrite", action="store_true")
     bench.add_argument("--param", action="append", default=[], metavar="METHOD:NAME=VALUE",
                        help="a method parameter, e.g. iso_cts:common_space_fraction=0.8")
-    _add_cluster_options(bench)
+    _add_recording_options(bench)
     bench.set_defaults(func=cmd_bench)
 
 
@@ -112,6 +119,7 @@ def cmd_evaluate(args) -> int:
                Weights.delta(args.task_vector, args.alpha) if args.task_vector else
                Weights.base())
     pool = _pool_for(args, suite_dir, tasks, ("val", "test"))
+    t0 = time.perf_counter()
     try:
         acc = accuracies(pool, [weights], tasks, args.split, "evaluate")[0]
         finetuned = reference_rows(pool, suite_dir, tasks)["finetuned"][args.split]
@@ -125,6 +133,10 @@ def cmd_evaluate(args) -> int:
     print(f"{'mean':14s} {100 * result['absolute']:6.1f}%   normalized "
           f"{100 * result['normalized']:.1f}%")
     _maybe_write(args.json, result)
+    from ..run_rows import evaluation_rows
+    record(args.history, "evaluate", lambda ctx: evaluation_rows(
+        ctx, args.suite, suite_dir, weights.describe(), args.split,
+        args.alpha if args.task_vector else None, acc, finetuned, time.perf_counter() - t0))
     return 0
 
 
@@ -145,6 +157,7 @@ def cmd_sweep(args) -> int:
             raise InputError(f"method {args.method!r} fixes alpha; nothing to sweep")
     suite_dir, tasks = _suite(args)
     pool = _pool_for(args, suite_dir, tasks, ("val", "test"))
+    t0 = time.perf_counter()
     try:
         refs = reference_rows(pool, suite_dir, tasks)
         result = sweep_task_vector(pool, args.task_vector, tasks, grid,
@@ -155,6 +168,10 @@ def cmd_sweep(args) -> int:
     print(f"chosen alpha {result['alpha']:g} (of {len(result['sweep'])} evaluated); test "
           f"normalized accuracy {100 * result['test_normalized']:.1f}%")
     _maybe_write(args.json, result)
+    from ..run_rows import evaluation_rows
+    record(args.history, "sweep", lambda ctx: evaluation_rows(
+        ctx, args.suite, suite_dir, args.method or args.task_vector, "test", result["alpha"],
+        result["test"], refs["finetuned"]["test"], time.perf_counter() - t0))
     return 0
 
 
@@ -175,6 +192,8 @@ def cmd_bench(args) -> int:
     print(format_table(summary))
     print(f"wrote {args.out}/summary.json, summary.parquet, summary.md "
           f"({summary['timings_s']['total']:.0f} s)")
+    from ..run_rows import bench_rows
+    record(args.history, "bench", lambda ctx: bench_rows(ctx, summary))
     return 0
 
 
