@@ -27,6 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .checkpoints.output import fsync_path
 from .errors import InputError, OutputError
 
 ROW_SCHEMA = pa.schema([
@@ -147,21 +148,16 @@ def append_run(root: str, rows: Iterable[Mapping[str, Any]]) -> str:
             raise OutputError(f"{final}: run {run_id} is already in the history")
         with fs.open_output_stream(tmp) as sink:
             pq.write_table(table, sink)
-        if isinstance(fs, pafs.LocalFileSystem):
-            _fsync(tmp)
+        local = isinstance(fs, pafs.LocalFileSystem)
+        if local:
+            fsync_path(tmp)
         fs.move(tmp, final)
+        if local:
+            fsync_path(directory)
     except OSError as exc:
         _remove_quietly(fs, tmp)
         raise OutputError(f"{final}: cannot append to the history ({exc})") from exc
     return final if "://" not in root else f"{root.rstrip('/')}/date={date}/{run_id}.parquet"
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:

@@ -15,17 +15,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.cli import main  # noqa: E402
+from pipeline.ray_job import job_argv  # noqa: E402
 
 SUBCOMMANDS = ("evaluate", "sweep", "bench", "suite")
 
 
-def job_argv(argv: list[str]) -> list[str]:
-    command, rest = (argv[0], argv[1:]) if argv and argv[0] in SUBCOMMANDS else ("bench", argv)
-    in_ray_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
-    if in_ray_job and "--address" not in rest and "--engine" not in rest:
-        rest = [*rest, "--address", "auto"]
-    return [command, *rest]
+def evaluate_argv(argv: list[str]) -> list[str]:
+    """The subcommand is optional here: bench unless one of SUBCOMMANDS comes first."""
+    if argv and argv[0] in SUBCOMMANDS:
+        return job_argv(argv[0], argv[1:])
+    return job_argv("bench", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(job_argv(sys.argv[1:])))
+    sys.exit(main(evaluate_argv(sys.argv[1:])))

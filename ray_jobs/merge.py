@@ -14,14 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.cli import main  # noqa: E402
-
-
-def job_argv(argv: list[str]) -> list[str]:
-    in_ray_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
-    if in_ray_job and "--address" not in argv and "--engine" not in argv:
-        argv = [*argv, "--address", "auto"]
-    return ["merge", *argv]
-
+from pipeline.ray_job import job_argv  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(job_argv(sys.argv[1:])))
+    sys.exit(main(job_argv("merge", sys.argv[1:])))

@@ -319,6 +319,87 @@ def test_untrusted_gram_falls_back_to_float64_svd_and_records_it(name, shape):
     assert rel(got, getattr(ref, name)(d)) <= 1e-6
 
 
+def spectrum_matrix(m, n, spectrum, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    return (u * spectrum) @ v.T
+
+
+def top_k_product(x, k):
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def spy_mixed(monkeypatch):
+    outcomes = []
+    real = linalg._top_svd_mixed
+
+    def spy(*args):
+        found = real(*args)
+        outcomes.append(found is not None)
+        return found
+
+    monkeypatch.setattr(linalg, "_top_svd_mixed", spy)
+    return outcomes
+
+
+@pytest.mark.parametrize("shape", [(384, 256), (256, 384), (256, 256)])
+def test_mixed_precision_top_svd_matches_float64_truncation(monkeypatch, shape):
+    """A power-law spectrum like a fine-tune's: the float32 Gram finds the subspace, the
+    float64 Rayleigh-Ritz step makes the vectors orthonormal and the values float64-exact;
+    the product is as close as a float32 SVD's."""
+    r = min(shape)
+    spectrum = torch.arange(1, r + 1, dtype=torch.float64) ** -1.0
+    x = spectrum_matrix(*shape, spectrum, seed=r).float()
+    outcomes = spy_mixed(monkeypatch)
+    u, s, vh = linalg.top_svd(x, 32, float32_subspace=True)
+    assert outcomes == [True]
+    assert u.dtype == s.dtype == vh.dtype == torch.float64
+    assert u.shape == (shape[0], 32) and vh.shape == (32, shape[1])
+    assert rel((u * s) @ vh, top_k_product(x, 32)) <= 1e-5
+    assert rel(u.mT @ u, torch.eye(32, dtype=torch.float64)) <= 1e-12
+    assert rel(vh @ vh.mT, torch.eye(32, dtype=torch.float64)) <= 1e-12
+    # Ritz values are exact to second order: the float64 step is what makes them this good.
+    exact = torch.linalg.svdvals(x.double())[:32]
+    assert float((s - exact).abs().max()) <= 1e-9 * float(exact[0])
+
+
+def test_mixed_precision_is_not_trusted_on_a_steep_spectrum(monkeypatch):
+    """Past k + p the directions sit below float32's reach: the float64 Gram is used."""
+    spectrum = torch.logspace(0, -12, 256, dtype=torch.float64)
+    x = spectrum_matrix(384, 256, spectrum, seed=1).float()
+    outcomes = spy_mixed(monkeypatch)
+    u, s, vh = linalg.top_svd(x, 32, float32_subspace=True)
+    assert outcomes == [False]
+    assert rel((u * s) @ vh, top_k_product(x, 32)) <= 1e-6
+
+
+@pytest.mark.parametrize("T", [3, 4, 8])
+def test_tsv_c_uses_the_mixed_path_and_matches_float64_spec(monkeypatch, T):
+    d = power_law_tasks(T, 384, 256, seed=T)
+    outcomes = spy_mixed(monkeypatch)
+    factors = tsv_c(d)
+    assert outcomes == [True] * T
+    got = torch.einsum("tmk,tk,tkn->tmn", factors["U"], factors["S"], factors["Vh"])
+    assert rel(got, ref.tsv_c(d)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, k, opt_in", [(torch.float64, 32, True),
+                                               (torch.float32, 120, True),
+                                               (torch.float32, 32, False)])
+def test_mixed_precision_is_skipped_where_it_cannot_win(monkeypatch, dtype, k, opt_in):
+    """float64 input needs no refinement; k + p past half the short side costs more than the
+    float64 Gram it would replace; callers that feed a polar factor do not opt in."""
+    spectrum = torch.arange(1, 257, dtype=torch.float64) ** -1.0
+    x = spectrum_matrix(384, 256, spectrum, seed=2).to(dtype)
+    outcomes = spy_mixed(monkeypatch)
+    u, s, vh = linalg.top_svd(x, k, float32_subspace=opt_in)
+    assert outcomes == []
+    assert rel((u * s) @ vh, top_k_product(x, k)) <= 1e-6
+
+
 # -- robustness and the registry ---------------------------------------------------------------
 def test_svd_falls_back_and_records_it(monkeypatch):
     real = torch.linalg.svd

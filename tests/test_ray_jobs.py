@@ -13,23 +13,23 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "ray_jobs"))
 
-from merge import job_argv  # noqa: E402
-from evaluate import job_argv as evaluate_job_argv  # noqa: E402
+from evaluate import evaluate_argv  # noqa: E402
+from pipeline.ray_job import job_argv  # noqa: E402
 
 
 def test_inside_a_ray_job_the_entrypoint_joins_the_cluster(monkeypatch):
     monkeypatch.setenv("RAY_JOB_ID", "02000000")
-    assert job_argv(["--config", "c.yaml"]) == ["merge", "--config", "c.yaml", "--address", "auto"]
-    assert job_argv(["--address", "ray://h:10001"]) == ["merge", "--address", "ray://h:10001"]
+    assert job_argv("merge", ["--config", "c.yaml"]) == ["merge", "--config", "c.yaml", "--address", "auto"]
+    assert job_argv("merge", ["--address", "ray://h:10001"]) == ["merge", "--address", "ray://h:10001"]
     monkeypatch.delenv("RAY_JOB_ID")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert job_argv(["--config", "c.yaml"]) == ["merge", "--config", "c.yaml"]
+    assert job_argv("merge", ["--config", "c.yaml"]) == ["merge", "--config", "c.yaml"]
 
 
 def test_evaluate_entrypoint_defaults_to_bench_and_joins_the_cluster(monkeypatch):
     monkeypatch.setenv("RAY_JOB_ID", "02000000")
-    assert evaluate_job_argv(["--out", "o"]) == ["bench", "--out", "o", "--address", "auto"]
-    assert evaluate_job_argv(["sweep", "--engine", "local"]) == ["sweep", "--engine", "local"]
+    assert evaluate_argv(["--out", "o"]) == ["bench", "--out", "o", "--address", "auto"]
+    assert evaluate_argv(["sweep", "--engine", "local"]) == ["sweep", "--engine", "local"]
 
 
 @pytest.mark.slow

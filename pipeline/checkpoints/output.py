@@ -91,13 +91,13 @@ class StagedOutput:
         for name in os.listdir(self.path):
             if name == ".lock" or name.endswith(DONE_SUFFIX):
                 os.remove(os.path.join(self.path, name))
-        _fsync_dir(self.path)
+        fsync_path(self.path)
         old = None
         if os.path.exists(self.final):
             old = staging_dir_for(self.final) + ".old"
             os.rename(self.final, old)
         os.rename(self.path, self.final)
-        _fsync_dir(os.path.dirname(self.final))
+        fsync_path(os.path.dirname(self.final))
         if old:
             shutil.rmtree(old, ignore_errors=True)
         self.committed = True
@@ -160,7 +160,8 @@ def _try_lock(directory: str):
         return None
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush a file's data, or a directory's entries (so a rename survives a power cut)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

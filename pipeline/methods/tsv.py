@@ -19,9 +19,9 @@ def tsv_rank(rows: int, cols: int, num_tasks: int) -> int:
     return min(rows, cols) // num_tasks
 
 
-def top_triplets(deltas: torch.Tensor, rank: int):
+def top_triplets(deltas: torch.Tensor, rank: int, float32_subspace: bool = False):
     """Stacked top-`rank` SVD factors of each task matrix, float64: (T, m, k), (T, k), (T, k, n)."""
-    factors = [top_svd(delta, rank) for delta in deltas]
+    factors = [top_svd(delta, rank, float32_subspace) for delta in deltas]
     return tuple(torch.stack([f[i] for f in factors]) for i in range(3))
 
 
@@ -52,9 +52,12 @@ def tsv_m(deltas: torch.Tensor) -> torch.Tensor:
 
 @register("tsv_c", "compress", fixed_alpha=lambda num_tasks: 1.0, svds_per_key=lambda t: t)
 def tsv_c(deltas: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per task the top-k factors: k (m + n + 1) numbers per matrix and task instead of m n."""
+    """Per task the top-k factors: k (m + n + 1) numbers per matrix and task instead of m n.
+
+    The factors are the output, stored in the input dtype, so a float32 subspace refined in
+    float64 is accurate enough (see linalg.top_svd)."""
     num_tasks, rows, cols = deltas.shape
-    u, s, vh = top_triplets(deltas, tsv_rank(rows, cols, num_tasks))
+    u, s, vh = top_triplets(deltas, tsv_rank(rows, cols, num_tasks), float32_subspace=True)
     return {"U": u.to(deltas.dtype), "S": s.to(deltas.dtype), "Vh": vh.to(deltas.dtype)}
 
 
