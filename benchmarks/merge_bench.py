@@ -94,7 +94,7 @@ def measure(model, method, base, tuned, workers, executor, out) -> dict:
         "svd_s": report["numerics"]["svd_seconds"],
         "read_GB": round(sum(s["bytes_read"] for s in shards) / 1e9, 2),
         "driver_peak_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, 2),
-        "worker_peak_GiB": round(max(s["peak_rss_bytes"] for s in shards) / GiB, 2),
+        "worker_peak_GiB": round(report["engine"]["peak_worker_rss_bytes"] / GiB, 2),
         "goal_(T+2)x_shard_GiB": round((num_tasks + 2) * largest_shard / GiB, 2),
         "fallbacks": len(report["numerics"]["fallbacks"]),
     }

@@ -122,10 +122,8 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
         if mode == "model" and base.config_location:
             out.copy_in(base.config_location, "config.json")
         timings["total"] = time.perf_counter() - t_start
-        report = _report(config, method.name, params, alpha, mode, statistics, inputs,
+        report = _report(config, method.name, params, alpha, mode, statistics, inputs, specs,
                          executor, shards, manifests, written, timings)
-        report["model"] = {"tensors": len(specs),
-                           "parameters": sum(math.prod(s.shape) for s in specs.values())}
         report["resumed_files"] = sorted(reused)
         out.write_json("merge_report.json", report)
         out.commit()
@@ -300,8 +298,8 @@ def library_versions() -> dict[str, str]:
 
 
 def _report(config: MergeConfig, method: str, params: dict, alpha: float, mode: str,
-            statistics: dict, inputs: dict | None, executor, shards, manifests, written,
-            timings: dict[str, float]) -> dict[str, Any]:
+            statistics: dict, inputs: dict | None, specs: dict, executor, shards, manifests,
+            written, timings: dict[str, float]) -> dict[str, Any]:
     numerics = [e for m in manifests for e in m["numerics"]]
     return {
         "run_id": uuid.uuid4().hex,
@@ -319,6 +317,8 @@ def _report(config: MergeConfig, method: str, params: dict, alpha: float, mode: 
         "inputs": inputs or {"base": {"location": config.base},
                              "finetuned": [{"location": p} for p in config.finetuned]},
         "outputs": written,
+        "model": {"tensors": len(specs),
+                  "parameters": sum(math.prod(spec.shape) for spec in specs.values())},
         "versions": library_versions(),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "engine": {**executor.info(), "host": platform.node(),
@@ -328,7 +328,10 @@ def _report(config: MergeConfig, method: str, params: dict, alpha: float, mode: 
                                "bytes_read": m["bytes_read"], "seconds": m["seconds"],
                                "svd_calls": m["svd_calls"],
                                "peak_rss_bytes": m["peak_rss_bytes"]}
-                              for s, m in zip(shards, manifests)]},
+                              for s, m in zip(shards, manifests)],
+                   # Workers are reused across shards: the largest lifetime peak bounds each.
+                   "peak_worker_rss_bytes": max((m["peak_rss_bytes"] for m in manifests),
+                                                default=None)},
         "numerics": {"fallbacks": numerics,
                      "svd_seconds": round(sum(m["seconds"]["svd"] for m in manifests), 4),
                      "svd_calls": sum(m["svd_calls"] for m in manifests)},

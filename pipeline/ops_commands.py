@@ -6,12 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-HISTORY_HELP = ("append this run's results to the results history at this path or pyarrow.fs "
-                "URI (a parquet dataset partitioned by date)")
-
-
 def add_history_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--history", help=HISTORY_HELP)
+    p.add_argument("--history", help="append this run's results to the results history at "
+                                     "this path or pyarrow.fs URI (a parquet dataset "
+                                     "partitioned by date)")
 
 
 def record(history: str | None, kind: str, rows_for: Callable[[Any], list[dict]]) -> None:
@@ -29,7 +27,7 @@ def add_parsers(sub: Any) -> None:
                                              "the history, write the report, exit 1 on a "
                                              "regression")
     nightly.add_argument("--config", help="nightly YAML (see cluster/nightly.yaml)")
-    nightly.add_argument("--history", help=HISTORY_HELP)
+    add_history_option(nightly)
     nightly.add_argument("--report", help="where to write the HTML report")
     nightly.add_argument("--work-dir", help="where each run's bench outputs go")
     nightly.add_argument("--suites", help="comma-separated suite names or directories")

@@ -1,7 +1,8 @@
 """What each kind of run records in the results history (see `results.ROW_SCHEMA`).
 
-A run's identity (id, start time, commit, hardware) is taken once, when it starts, so all its
-rows agree and the history can be grouped by run.
+A run's identity (id, time, commit, hardware) is taken once per run (the nightly takes it when
+it starts, single commands when they record), so all its rows agree and the history can be
+grouped by run.
 """
 
 from __future__ import annotations
@@ -64,12 +65,11 @@ def bench_rows(ctx: RunContext, summary: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def merge_rows(ctx: RunContext, report: dict[str, Any], base: str) -> list[dict[str, Any]]:
-    shards = report["engine"]["shards"]
     return [ctx.row(method=report["method"], params=params_json(report["params"]),
                     model=base, model_params=report["model"]["parameters"],
                     num_tasks=report["num_tasks"], alpha=report["alpha"],
                     merge_seconds=report["timings_s"]["total"],
-                    peak_memory_bytes=max((s["peak_rss_bytes"] for s in shards), default=None))]
+                    peak_memory_bytes=report["engine"]["peak_worker_rss_bytes"])]
 
 
 def evaluation_rows(ctx: RunContext, suite: str, suite_dir: str, method: str, split: str,

@@ -176,6 +176,10 @@ def test_report_has_engine_section(tiny_example, ray_cluster, tmp_path):
     assert engine["shards"] and all(s["seconds"]["total"] > 0 for s in engine["shards"])
     assert sum(len(s["files"]) for s in engine["shards"]) == len(report["outputs"])
     assert report["numerics"]["svd_calls"] > 0
+    assert engine["peak_worker_rss_bytes"] == max(s["peak_rss_bytes"] for s in engine["shards"])
+    with open_checkpoint(tiny_example[0]) as base:
+        sizes = [base.read(key).numel() for key in base.keys()]
+    assert report["model"] == {"tensors": len(sizes), "parameters": sum(sizes)}
 
 
 def test_threads_are_fixed_per_task_for_determinism(tiny_example, tmp_path):

@@ -131,8 +131,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         merges[method.name] = {
             "params": report["params"], "seconds": timings[f"merge_{method.name}"],
             "model_parameters": report["model"]["parameters"],
-            "peak_rss_bytes": max((s["peak_rss_bytes"] for s in report["engine"]["shards"]),
-                                  default=None)}
+            "peak_rss_bytes": report["engine"]["peak_worker_rss_bytes"]}
     pool = EvaluationPool(base, data, options.engine, options.workers, options.device,
                           address=options.address)
     try:
