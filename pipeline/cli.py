@@ -11,56 +11,44 @@ import os
 import sys
 from typing import Sequence
 
+from .config import MergeConfig, add_options, load_merge_config
 from .errors import InputError, PipelineError
 from .ops_commands import add_history_option, record
 
 
+EXIT_CODES = """exit codes:
+  0    success (verify: the output is sound)
+  1    a failure that is not the input's fault; verify: the output is damaged
+  2    bad input or options (one line says which); nothing was written
+  130  interrupted by Ctrl-C (SIGINT); finished files are kept for --resume
+  143  terminated (SIGTERM); finished files are kept for --resume"""
+
+
+def _merge_epilog() -> str:
+    from .methods.registry import get_method, method_names
+    lines = ["methods (parameters and defaults; --param NAME=VALUE):"]
+    for name in method_names():
+        method = get_method(name)
+        params = ", ".join(f"{k}={v}" for k, v in method.defaults.items()) or "no parameters"
+        if method.fixed_alpha is None:
+            alpha = f"alpha searched in {method.alpha_grid[0]:.3g}..{method.alpha_grid[-1]:.3g}"
+        else:
+            at_2, at_4 = method.fixed_alpha(2), method.fixed_alpha(4)
+            alpha = "alpha fixed to " + (f"{at_2:g}" if at_2 == at_4 else
+                                         "1/T" if (at_2, at_4) == (0.5, 0.25) else "f(T)")
+        lines.append(f"  {name:<16} {params}; {alpha}")
+    return "\n".join(lines) + "\n\n" + EXIT_CODES
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with the same fields as these flags")
-    p.add_argument("--base", help="pre-trained checkpoint (HF directory, .safetensors, .pt/.bin)")
-    p.add_argument("--finetuned", nargs="+", help="fine-tuned checkpoints, one per task")
-    p.add_argument("--method", help="average, task_arithmetic, ties, tsv_m, iso_c, iso_cts, tsv_c")
-    p.add_argument("--alpha", type=float, help="scaling of the merged task vector")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="method parameter, e.g. common_space_fraction=0.8 or k=20")
-    p.add_argument("--out", help="output directory (appears only when complete)")
-    p.add_argument("--output", choices=["model", "task_vector"],
-                   help="write the merged model (default) or the merged task vector itself")
-    p.add_argument("--exclude", nargs="*", help="substrings of 2-D keys merged by mean, not SVD "
-                                                "(default: text_projection)")
-    p.add_argument("--compute-dtype", choices=["float32", "float64"])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="math threads per worker (fixed, for "
-                                               "bit-identical results at any worker count)")
-    p.add_argument("--fuse-qkv", action="store_true", default=None,
-                   help="merge HF q/k/v projections as one fused matrix, like open_clip")
-    p.add_argument("--max-shard-size", help="largest output file, e.g. 2GB")
-    p.add_argument("--engine", choices=["ray", "local"], help="ray (default) or in-process")
-    p.add_argument("--workers", type=int, help="parallel shards (default: what Ray offers)")
-    p.add_argument("--address", help="Ray cluster to join (auto, ray://host:10001); "
-                                     "default: start an embedded local cluster")
-    p.add_argument("--gpus-per-task", type=float, help="GPU share per task when GPUs exist")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an existing output directory")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="reuse the verified files of an interrupted run of the same merge")
+    p.add_argument("--config", metavar="YAML",
+                   help="YAML file whose fields are the long flag names; flags given win")
+    add_options(p, MergeConfig)
     add_history_option(p)
-    p.add_argument("--no-input-scan", dest="scan_inputs", action="store_false", default=None,
-                   help="skip the up-front read of every input (sha256 for the report, NaN/Inf "
-                        "check); workers still refuse non-finite tensors as they read them")
 
 
-def merge_config_from_args(args: argparse.Namespace):
-    from .config import build_config, load_yaml, parse_params
-    file_values = load_yaml(args.config) if args.config else {}
-    overrides = {name: getattr(args, name) for name in (
-        "base", "finetuned", "method", "alpha", "out", "output", "exclude", "compute_dtype",
-        "device", "threads", "fuse_qkv", "max_shard_size", "engine", "workers", "address",
-        "gpus_per_task", "overwrite", "resume", "scan_inputs")}
-    params = dict(file_values.pop("params", None) or {})
-    params.update(parse_params(args.param))
-    overrides["params"] = params
-    return build_config(file_values, overrides, source=args.config or "command line")
+def merge_config_from_args(args: argparse.Namespace) -> MergeConfig:
+    return load_merge_config(args.config, vars(args))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -89,12 +77,14 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_output
-    problems = verify_output(args.directory)
-    for problem in problems:
+    result = verify_output(args.directory)
+    for problem in result.problems:
         print(f"problem: {problem}", file=sys.stderr)
-    if not problems:
-        print(f"{args.directory}: ok (checksums, headers, index, keys, finite values)")
-    return 1 if problems else 0
+    for skipped in result.not_checked:
+        print(f"not checked: {skipped}")
+    if result.ok:
+        print(f"{args.directory}: ok ({'; '.join(result.checked)})")
+    return 0 if result.ok else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -105,18 +95,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    merge = sub.add_parser("merge", help="merge fine-tuned checkpoints into one model")
+    merge = sub.add_parser("merge", help="merge fine-tuned checkpoints into one model",
+                           description="Merge N fine-tuned checkpoints of one architecture "
+                                       "into one model, with no training.",
+                           epilog=_merge_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_merge_options(merge)
     merge.set_defaults(func=cmd_merge)
-    expand = sub.add_parser("expand", help="rebuild one task's model from a TSV-C artefact")
-    expand.add_argument("--artefact", required=True)
-    expand.add_argument("--base", required=True)
-    expand.add_argument("--task", type=int, required=True, help="task index, from 0")
-    expand.add_argument("--out", required=True)
-    expand.add_argument("--overwrite", action="store_true")
+    expand = sub.add_parser("expand", help="rebuild one task's model from a TSV-C artefact",
+                            epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    expand.add_argument("--artefact", required=True, metavar="DIR",
+                        help="output of `merge --method tsv_c` [required]")
+    expand.add_argument("--base", required=True, metavar="PATH",
+                        help="the pre-trained checkpoint the artefact was made from [required]")
+    expand.add_argument("--task", type=int, required=True, metavar="T",
+                        help="task index, from 0 [required]")
+    expand.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory (a local path or file:// URI) [required]")
+    expand.add_argument("--overwrite", action="store_true",
+                        help=MergeConfig.model_fields["overwrite"].description)
     expand.set_defaults(func=cmd_expand)
-    verify = sub.add_parser("verify", help="check an output against its merge_report.json")
-    verify.add_argument("directory")
+    verify = sub.add_parser("verify", help="check an output against its merge_report.json",
+                            epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("directory", help="an output directory of merge or expand")
     verify.set_defaults(func=cmd_verify)
     demo = sub.add_parser("demo", help="merge a built-in example end to end on local Ray")
     demo.add_argument("--workdir", default=os.path.join(".cache", "demo"))

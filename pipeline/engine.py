@@ -8,6 +8,7 @@ that says what was done, with what, how fast, and which numerical fallbacks were
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,16 +20,19 @@ import sys
 import time
 import uuid
 import warnings
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from . import __version__
 from .checkpoints import StagedOutput, check_compatible, open_checkpoint
-from .checkpoints.output import done_marker
+from .checkpoints.output import REPORT_NAME, done_marker, prepare_output
 from .checkpoints.reader import Checkpoint
-from .checkpoints.scan import scan_file
-from .checkpoints.storage import is_uri
+from .checkpoints.safetensors_io import DTYPE_NAMES
+from .checkpoints.scan import describe_file, scan_file
+from .checkpoints.storage import canonical, output_directory
 from .config import MergeConfig
 from .errors import InputError, OutputError, PipelineError
 from .executors import make_executor
@@ -36,9 +40,13 @@ from .merge import (Fault, MergeSettings, ShardJob, run_shard, shard_digit_histo
                     shard_sign_total, uses_matrix_math)
 from .methods import get_method
 from .methods import ties as ties_math
-from .plan import (MergeUnit, OutputMode, PlannedFile, build_units, file_names, pack_shards,
-                   plan_files)
+from .plan import (MergeUnit, OutputMode, PlannedFile, Shard, build_units, file_names,
+                   pack_shards, plan_files)
 
+COMPUTE_DTYPES = {"float32": "F32", "float64": "F64"}
+# Bumped whenever the same options give different bytes (2: HF projections merged in the
+# open_clip orientation), so --resume never reuses files of an older layout.
+RUN_FORMAT = 2
 # Shards per worker: more, smaller shards balance better and give the progress bar something
 # to count; fewer re-open the checkpoints less often.
 SHARDS_PER_WORKER = 4
@@ -47,106 +55,198 @@ INDEX_NAMES = {"model": "model.safetensors.index.json",
                "compressed": "tsv_c.safetensors.index.json"}
 
 
+# Below this many estimated single-thread seconds of work, `--engine auto` merges in-process:
+# starting and stopping the embedded Ray cluster costs more than its second worker saves
+# (measured in benchmarks/merge_bench.py; see the README).
+AUTO_RAY_ABOVE_S = 30.0
+
+
 def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) -> dict[str, Any]:
-    """Merge as `config` says and return the merge report (also written to the output)."""
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    config.validate()
+    """Merge as `config` says and return the merge report (also written to the output).
+
+    Every check that needs no tensor bytes (options, output location, headers, free space,
+    the cluster) runs before the first tensor byte is read.
+    """
+    clock = Clock()
     method = get_method(config.method)
     params = method.resolve_params(config.params)
-    num_tasks = len(config.finetuned)
     mode: OutputMode = "compressed" if method.kind == "compress" else config.output  # type: ignore
-    alpha = method.alpha_for(num_tasks, config.alpha) if mode == "model" else 1.0
-    _check_paths(config)
-
-    t0 = time.perf_counter()
-    base = open_checkpoint(config.base)
-    tuned = [open_checkpoint(path) for path in config.finetuned]
-    try:
-        specs = check_compatible(base, tuned)
-    finally:
-        for ckpt in [base, *tuned]:
-            ckpt.close()
-    compute_dtype = {"float32": "F32", "float64": "F64"}[config.compute_dtype]
-    files = plan_files(specs, method, num_tasks, mode=mode, compute_dtype=compute_dtype,
-                       fuse_qkv=config.fuse_qkv, exclude=config.exclude,
-                       max_file_bytes=config.max_shard_bytes)
-    timings["validate_and_plan"] = time.perf_counter() - t0
-
-    if executor is None:
-        executor = make_executor(config.engine, config.address, config.workers, config.threads,
-                                 config.device, config.gpus_per_task)
+    alpha = method.alpha_for(len(config.finetuned), config.alpha) if mode == "model" else 1.0
+    sources = [config.base, *config.finetuned]
+    _check_distinct_locations(sources)
+    prepare_output(config.out, config.overwrite, sources)
+    with clock("validate_and_plan"):
+        base, tuned, specs = _open_inputs(config)
+        files = plan_files(specs, method, len(tuned), mode=mode,
+                           compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+                           output_dtype=_dtype_name(config.output_dtype),
+                           fuse_qkv=config.fuse_qkv, exclude=config.exclude,
+                           max_file_bytes=config.max_shard_bytes)
+    _check_free_space(config.out, files)
+    with clock("executor_start"):
+        executor, engine_choice = _executor_for(config, files, executor)
     settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
-                             exclude=tuple(config.exclude), compute_dtype=compute_dtype,
+                             exclude=tuple(config.exclude),
+                             compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                              device=executor.device, threads=config.threads)
     inputs = None
     if config.scan_inputs:  # before anything is written: a bad input leaves no trace
-        t0 = time.perf_counter()
-        inputs = _describe_inputs(executor, base, tuned)
-        timings["scan_inputs"] = time.perf_counter() - t0
-    _check_free_space(config.out, files)
+        with clock("scan_inputs"):
+            inputs = _describe_inputs(executor, base, tuned)
 
-    run_key = _run_key(config, settings, inputs)
-    with StagedOutput(config.out, overwrite=config.overwrite, run_key=run_key,
-                      resume=config.resume) as out:
+    with StagedOutput(config.out, overwrite=config.overwrite,
+                      run_key=_run_key(config, settings, inputs), resume=config.resume) as out:
         reused = _verified_files(out.path, files) if out.resumed else {}
-        todo = [f for f in files if f.name not in reused]
-        shards = pack_shards(todo, executor.workers * SHARDS_PER_WORKER) if todo else []
-        jobs = [ShardJob(shard, base.location, tuple(c.location for c in tuned), settings,
-                         out.path, fault=fault) for shard in shards]
-        statistics: dict[str, Any] = {}
-        if method.kind == "global":  # model-wide statistics need every file, reused or not
-            t0 = time.perf_counter()
-            every_file = [ShardJob(shard, base.location, tuple(c.location for c in tuned),
-                                   settings, out.path)
-                          for shard in pack_shards(files, executor.workers * SHARDS_PER_WORKER)]
-            statistics = _ties_statistics(executor, every_file, files, num_tasks, params["k"],
-                                          compute_dtype)
-            timings["global_statistics"] = time.perf_counter() - t0
-            jobs = [ShardJob(j.shard, j.base, j.finetuned, j.settings, j.out_dir, statistics,
-                             j.fault) for j in jobs]
-        t0 = time.perf_counter()
-        try:
-            manifests = executor.map(run_shard, [(job,) for job in jobs],
-                                     desc=f"merge {method.name}")
-        except OutputError as exc:
-            raise OutputError(f"{exc}; the whole output needs "
-                              f"{sum(f.nbytes for f in files)} bytes") from exc
-        timings["merge"] = time.perf_counter() - t0
-
-        written = _write_index(out, mode, files,
-                               manifests + [{"files": list(reused.values())}])
-        if mode == "compressed":
-            units = build_units(specs, config.fuse_qkv)
-            out.write_json("tsv_c.json", _artefact_meta(units, settings, config))
-        if mode == "model" and base.config_location:
-            out.copy_in(base.config_location, "config.json")
-        timings["total"] = time.perf_counter() - t_start
+        plan = ShardPlan(files, [f for f in files if f.name not in reused], base, tuned, settings,
+                         out.path, executor.workers)
+        statistics = _global_statistics(method, executor, plan, clock)
+        with clock("merge"):
+            shards, manifests = _run_shards(executor, plan, statistics, fault)
+        written = _write_index(out, mode, files, manifests + [{"files": list(reused.values())}])
+        metadata_files = _write_metadata(out, mode, config, specs, settings, base)
+        clock.stop()
         report = _report(config, method.name, params, alpha, mode, statistics, inputs, specs,
-                         executor, shards, manifests, written, timings)
-        report["resumed_files"] = sorted(reused)
-        out.write_json("merge_report.json", report)
+                         executor, shards, manifests, written, clock.seconds)
+        report.update(resumed_files=sorted(reused), metadata_files=metadata_files,
+                      dtypes=_dtypes(base, tuned, config, files))
+        report["engine"]["chosen"] = engine_choice
+        out.write_json(REPORT_NAME, report)
         out.commit()
     return report
 
 
-def _check_paths(config: MergeConfig) -> None:
+class Clock:
+    """Named wall-clock spans of one run, for the report's `timings_s`."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self._start
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the executor runs: the planned files, those still to write, and where."""
+
+    files: list[PlannedFile]
+    todo: list[PlannedFile]
+    base: Checkpoint
+    tuned: list[Checkpoint]
+    settings: MergeSettings
+    out_dir: str
+    workers: int
+
+    def jobs(self, files: list[PlannedFile], statistics: dict[str, Any] | None = None,
+             fault: Fault | None = None) -> tuple[list[Shard], list[ShardJob]]:
+        shards = pack_shards(files, self.workers * SHARDS_PER_WORKER) if files else []
+        return shards, [ShardJob(shard, self.base.location,
+                                 tuple(c.location for c in self.tuned), self.settings,
+                                 self.out_dir, statistics or {}, fault) for shard in shards]
+
+
+def _open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any]]:
+    """Headers only: the checkpoints (closed again; their locations and specs stay known)."""
+    base = open_checkpoint(config.base)
+    tuned = [open_checkpoint(path) for path in config.finetuned]
+    try:
+        specs = check_compatible(base, tuned)
+        for ckpt in tuned:
+            ckpt.specs()  # cache every header now: the report lists each input's dtypes
+    finally:
+        for ckpt in [base, *tuned]:
+            ckpt.close()
+    return base, tuned, specs
+
+
+def _executor_for(config: MergeConfig, files: list[PlannedFile], given) -> tuple[Any, str]:
+    """The executor, and why it was chosen (recorded in the report)."""
+    if given is not None:
+        return given, "given by the caller"
+    engine, why = config.engine, f"--engine {config.engine}"
+    if engine == "auto":
+        work = sum(f.cost for f in files)
+        if config.address:
+            engine, why = "ray", f"auto: joining the Ray cluster at {config.address}"
+        elif work < AUTO_RAY_ABOVE_S:
+            engine, why = "local", (f"auto: small merge (about {work:.0f} s of work, under "
+                                    f"{AUTO_RAY_ABOVE_S:.0f} s), in-process beats starting Ray")
+        else:
+            engine, why = "ray", (f"auto: large merge (about {work:.0f} s of work), split "
+                                  f"across an embedded Ray cluster")
+    executor = make_executor(engine, config.address, config.workers, config.threads,
+                             config.device, config.gpus_per_task)
+    return executor, why
+
+
+def _global_statistics(method, executor, plan: ShardPlan, clock: Clock) -> dict[str, Any]:
+    """Model-wide statistics (TIES' thresholds) need every file, reused or not."""
+    if method.kind != "global":
+        return {}
+    with clock("global_statistics"):
+        _, every_file = plan.jobs(plan.files)
+        return _ties_statistics(executor, every_file, plan.files, len(plan.tuned),
+                                plan.settings.params["k"], plan.settings.compute_dtype)
+
+
+def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fault | None
+                ) -> tuple[list[Shard], list[dict[str, Any]]]:
+    shards, jobs = plan.jobs(plan.todo, statistics, fault)
+    try:
+        manifests = executor.map(run_shard, [(job,) for job in jobs],
+                                 desc=f"merge {plan.settings.method}")
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the whole output needs "
+                          f"{sum(f.nbytes for f in plan.files)} bytes") from exc
+    return shards, manifests
+
+
+def _write_metadata(out: StagedOutput, mode: OutputMode, config: MergeConfig,
+                    specs: dict[str, Any], settings: MergeSettings, base: Checkpoint
+                    ) -> list[dict[str, Any]]:
+    """The small files beside the tensors, each read back and hashed for the report."""
+    names = []
+    if mode == "compressed":
+        out.write_json("tsv_c.json", _artefact_meta(build_units(specs, config.fuse_qkv),
+                                                    settings, config))
+        names.append("tsv_c.json")
+    if mode == "model" and base.config_location:
+        out.copy_in(base.config_location, "config.json")
+        names.append("config.json")
+    names += [n for n in INDEX_NAMES.values() if os.path.exists(out.file(n))]
+    return [describe_file(out.file(name)) for name in sorted(names)]
+
+
+def _dtypes(base: Checkpoint, tuned: list[Checkpoint], config: MergeConfig,
+            files: list[PlannedFile]) -> dict[str, Any]:
+    def floats(ckpt: Checkpoint) -> list[str]:
+        return sorted({s.dtype for s in ckpt.specs().values() if s.is_float})
+    return {"inputs": {c.location: floats(c) for c in [base, *tuned]},
+            "compute": COMPUTE_DTYPES[config.compute_dtype],
+            "output": sorted({d for f in files for _, d, _ in f.layout})}
+
+
+def _dtype_name(dtype: str | None) -> str | None:
+    return None if dtype is None else DTYPE_NAMES[getattr(torch, dtype)]
+
+
+def _check_distinct_locations(locations: Sequence[str]) -> None:
     seen: dict[str, str] = {}
-    for path in [config.base, *config.finetuned]:
-        real = path if is_uri(path) else os.path.realpath(path)
-        if real in seen:
-            raise InputError(f"{path}: given twice (as {seen[real]!r} too); each task needs its "
+    for path in locations:
+        where = canonical(path)
+        if where in seen:
+            raise InputError(f"{path}: given twice (as {seen[where]!r} too); each task needs its "
                              f"own fine-tuned checkpoint")
-        seen[real] = path
-    out = os.path.realpath(config.out)
-    for path in [config.base, *config.finetuned]:
-        if is_uri(path):
-            continue
-        real = os.path.realpath(path)
-        if out == real or out.startswith(real.rstrip(os.sep) + os.sep) or \
-                real.startswith(out.rstrip(os.sep) + os.sep):
-            raise InputError(f"{config.out}: the output overlaps the input {path}; "
-                             f"choose another output directory")
+        seen[where] = path
 
 
 def _run_key(config: MergeConfig, settings: MergeSettings, inputs: dict | None) -> str:
@@ -157,7 +257,8 @@ def _run_key(config: MergeConfig, settings: MergeSettings, inputs: dict | None) 
     if inputs is not None:
         sources = [[f["sha256"] for f in c["files"]]
                    for c in [inputs["base"], *inputs["finetuned"]]]
-    identity = {"inputs": sources, "fuse_qkv": config.fuse_qkv,
+    identity = {"format": RUN_FORMAT, "inputs": sources, "fuse_qkv": config.fuse_qkv,
+                "output_dtype": config.output_dtype,
                 "max_shard_size": config.max_shard_bytes,
                 "settings": dataclasses.asdict(settings)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -186,7 +287,7 @@ def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, dict[st
 
 def _check_free_space(out: str, files: list[PlannedFile]) -> None:
     needed = sum(f.nbytes for f in files)
-    parent = os.path.dirname(os.path.abspath(out))
+    parent = os.path.dirname(output_directory(out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     free = shutil.disk_usage(parent).free
@@ -258,6 +359,12 @@ def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
     expected = sorted(f.name for f in files)
     if [f["name"] for f in written] != expected:
         raise RuntimeError(f"shards wrote {[f['name'] for f in written]}, planned {expected}")
+    for entry in written:  # nothing is committed on a worker's word alone: read it back
+        found = describe_file(out.file(entry["name"]))
+        if (found["size"], found["sha256"]) != (entry["size"], entry["sha256"]):
+            raise OutputError(f"{out.file(entry['name'])}: holds {found['size']} bytes with "
+                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry['size']} "
+                              f"bytes with sha256 {entry['sha256'][:12]}; not committed")
     if len(files) > 1 or files[0].name != file_names(1, mode)[0]:
         weight_map = {key: f["name"] for f in written for key in f["tensors"]}
         total = sum(math.prod(t["shape"]) * _itemsize(t["dtype"])
@@ -270,11 +377,13 @@ def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
 
 def _artefact_meta(units: list[MergeUnit], settings: MergeSettings, config: MergeConfig
                    ) -> dict[str, Any]:
-    """How to rebuild each stored key from a TSV-C artefact (see `tsv_c_artefact`)."""
+    """How to rebuild each stored key from a TSV-C artefact (see `tsv_c_artefact`). The
+    factors are of the unit in open_clip's orientation: `transposed` says to turn it back."""
     described = {}
     for u in units:
         kind = "matrix" if uses_matrix_math(settings, u) else "whole" if u.is_float else "copy"
-        described[u.name] = {"sources": list(u.sources), "rows": list(u.rows), "kind": kind}
+        described[u.name] = {"sources": list(u.sources), "rows": list(u.rows), "kind": kind,
+                             "transposed": u.transposed}
     return {"num_tasks": len(config.finetuned), "finetuned": list(config.finetuned),
             "base": config.base, "compute_dtype": settings.compute_dtype,
             "units": dict(sorted(described.items()))}

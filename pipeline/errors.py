@@ -20,6 +20,11 @@ class CorruptFileError(InputError):
     """A checkpoint file is truncated or its header lies about its contents."""
 
 
+class OutputConflictError(InputError):
+    """The destination changed under a run (another output appeared at `--out`): the run's
+    finished files are kept in its staging directory, so `--resume` can commit them."""
+
+
 class OutputError(PipelineError):
     """Writing the output failed (full disk, permissions); nothing was left at the destination."""
 

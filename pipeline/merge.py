@@ -78,6 +78,9 @@ def _prepare(settings: MergeSettings) -> torch.device:
 
 
 def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.Tensor:
+    """The unit as the math sees it: sources concatenated on dim 0 and, for a `transposed`
+    unit, turned into open_clip's orientation (contiguous, so the SVDs see the same memory
+    layout, and so the same bits, as for the open_clip checkpoint itself)."""
     start = time.perf_counter()
     parts = [ckpt.read(key) for key in unit.sources]
     tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -85,6 +88,8 @@ def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.
         bad = next(k for k, p in zip(unit.sources, parts) if not bool(torch.isfinite(p).all()))
         raise InputError(f"{ckpt.location}: key {bad!r} contains NaN or Inf")
     counters.bytes_read += tensor.numel() * tensor.element_size()
+    if unit.transposed:
+        tensor = tensor.T.contiguous()
     counters.read_s += time.perf_counter() - start
     return tensor
 
@@ -92,7 +97,8 @@ def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.
 def iter_unit_deltas(job: ShardJob, counters: _Counters, floats_only: bool = False
                      ) -> Iterator[tuple[MergeUnit, torch.Tensor, torch.Tensor | None]]:
     """(unit, base tensor, stacked task vectors in the compute dtype on the compute device)
-    for every unit of the shard, in plan order; task vectors are None for integer buffers."""
+    for every unit of the shard, in plan order and in the unit's orientation (`_read_unit`);
+    task vectors are None for integer buffers."""
     device = _prepare(job.settings)
     compute = DTYPES[job.settings.compute_dtype]
     base = open_checkpoint(job.base)
@@ -130,15 +136,18 @@ def _unit_outputs(job: ShardJob, unit: MergeUnit, theta0: torch.Tensor,
                                                  dtype=deltas.dtype, device=deltas.device),
                       "majority_sign": job.statistics["majority_sign"]}
     tau = merge_key(method, unit.name, deltas, settings.params, settings.exclude, statistics)
-    if settings.mode == "model":
-        tau = (theta0 + settings.alpha * tau).to(DTYPES[unit.dtype])
+    if settings.mode == "model":  # cast to the planned dtype on write (`run_shard`)
+        tau = theta0 + settings.alpha * tau
     return _split_to_sources(unit, tau.cpu())
 
 
 def _split_to_sources(unit: MergeUnit, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A unit's result under its stored keys (a fused q/k/v result splits back in three)."""
+    """A unit's result under its stored keys and in their stored layout (a fused q/k/v
+    result splits back in three; a transposed unit turns back)."""
     if not unit.shape:
         return {unit.sources[0]: tensor}
+    if unit.transposed:
+        tensor = tensor.T.contiguous()
     return dict(zip(unit.sources, tensor.split(list(unit.rows))))
 
 
@@ -159,7 +168,8 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
             _maybe_fail(job)
             t0 = time.perf_counter()
             written = write_stream(os.path.join(job.out_dir, planned.name), planned.layout,
-                                   ((key, outputs.pop(key)) for key, _, _ in planned.layout),
+                                   ((key, outputs.pop(key).to(DTYPES[dtype]))
+                                    for key, dtype, _ in planned.layout),
                                    {"format": "pt"})
             counters.write_s += time.perf_counter() - t0
             files.append({"name": written.name, "size": written.size, "sha256": written.sha256,

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
-from .checkpoints.layout import group_of, natural_key, qkv_fusions
+from .checkpoints.layout import group_of, natural_key, qkv_fusions, transposed_vs_open_clip
 from .checkpoints.reader import TensorSpec
 from .checkpoints.safetensors_io import dtype_size
 from .methods import MethodSpec, is_matrix_key
@@ -27,13 +27,18 @@ BYTES_PER_S = 1e9
 
 @dataclass(frozen=True)
 class MergeUnit:
-    """What the math sees as one key: one stored tensor, or several concatenated on dim 0."""
+    """What the math sees as one key: one stored tensor, or several concatenated on dim 0,
+    in open_clip's orientation: a `transposed` unit (HF's `visual_projection.weight`) is
+    merged as the transpose of what is stored, because Iso-CTS is not transpose-equivariant
+    and the papers define it on open_clip's `visual.proj`. Results are written back as stored.
+    """
 
     name: str
     sources: tuple[str, ...]
-    rows: tuple[int, ...]  # dim-0 size of each source, to split the result back
-    shape: tuple[int, ...]
+    rows: tuple[int, ...]  # dim-0 size of each source as stored, to split the result back
+    shape: tuple[int, ...]  # what the math sees (transposed back from the stored layout)
     dtype: str
+    transposed: bool = False
 
     @property
     def is_float(self) -> bool:
@@ -42,6 +47,14 @@ class MergeUnit:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def source_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Each source's stored shape, in `sources` order."""
+        if not self.shape:
+            return ((),)
+        stored = self.shape[::-1] if self.transposed else self.shape
+        return tuple((rows,) + stored[1:] for rows in self.rows)
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,9 @@ class Shard:
 
 
 def build_units(specs: Mapping[str, TensorSpec], fuse_qkv: bool = False) -> list[MergeUnit]:
+    """The merge units of a checkpoint, in model order: q/k/v triples fused when asked, keys
+    stored transposed relative to open_clip always turned (free for every method but Iso-CTS,
+    where it is what the papers compute)."""
     fused = qkv_fusions({k: s.shape for k, s in specs.items()}) if fuse_qkv else {}
     consumed = {k for triple in fused.values() for k in triple}
     units = []
@@ -82,20 +98,26 @@ def build_units(specs: Mapping[str, TensorSpec], fuse_qkv: bool = False) -> list
 
 
 def _single(key: str, spec: TensorSpec) -> MergeUnit:
-    return MergeUnit(key, (key,), (spec.shape[0] if spec.shape else 0,), spec.shape, spec.dtype)
+    rows = (spec.shape[0] if spec.shape else 0,)
+    if transposed_vs_open_clip(key, spec.shape):
+        return MergeUnit(key, (key,), rows, spec.shape[::-1], spec.dtype, transposed=True)
+    return MergeUnit(key, (key,), rows, spec.shape, spec.dtype)
 
 
 def unit_outputs(unit: MergeUnit, mode: OutputMode, compute_dtype: str, num_tasks: int,
-                 matrix: bool) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The (key, dtype, shape) entries a unit writes in a given output mode."""
+                 matrix: bool, output_dtype: str | None = None
+                 ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The (key, dtype, shape) entries a unit writes in a given output mode. Floating tensors
+    of a model keep the base's dtype and a task vector the compute dtype, unless
+    `output_dtype` says otherwise; workers cast to whatever this layout says."""
     if mode == "model":
-        return [(key, unit.dtype, (rows,) + unit.shape[1:] if unit.shape else ())
-                for key, rows in zip(unit.sources, unit.rows)]
+        dtype = output_dtype if output_dtype and unit.is_float else unit.dtype
+        return [(key, dtype, shape) for key, shape in zip(unit.sources, unit.source_shapes)]
     if not unit.is_float:
         return []  # integer buffers are not part of a task vector
     if mode == "task_vector":
-        return [(key, compute_dtype, (rows,) + unit.shape[1:] if unit.shape else ())
-                for key, rows in zip(unit.sources, unit.rows)]
+        return [(key, output_dtype or compute_dtype, shape)
+                for key, shape in zip(unit.sources, unit.source_shapes)]
     if not matrix:
         return [(f"{unit.name}::tau", compute_dtype, (num_tasks,) + unit.shape)]
     m, n = unit.shape
@@ -115,8 +137,9 @@ def unit_cost(unit: MergeUnit, method: MethodSpec, num_tasks: int, matrix: bool)
 
 
 def plan_files(specs: Mapping[str, TensorSpec], method: MethodSpec, num_tasks: int, *,
-               mode: OutputMode, compute_dtype: str = "F32", fuse_qkv: bool = False,
-               exclude: Sequence[str] = (), max_file_bytes: int = 4 << 30) -> list[PlannedFile]:
+               mode: OutputMode, compute_dtype: str = "F32", output_dtype: str | None = None,
+               fuse_qkv: bool = False, exclude: Sequence[str] = (),
+               max_file_bytes: int = 4 << 30) -> list[PlannedFile]:
     """The output files, in model order, each holding whole layer groups' units."""
     by_group: dict[str, list[MergeUnit]] = defaultdict(list)
     for unit in build_units(specs, fuse_qkv):
@@ -127,7 +150,7 @@ def plan_files(specs: Mapping[str, TensorSpec], method: MethodSpec, num_tasks: i
         for unit in by_group[group]:
             matrix = method.kind in ("matrix", "compress") and is_matrix_key(
                 unit.name, unit.shape, exclude)
-            outputs = unit_outputs(unit, mode, compute_dtype, num_tasks, matrix)
+            outputs = unit_outputs(unit, mode, compute_dtype, num_tasks, matrix, output_dtype)
             nbytes = sum(math.prod(s) * dtype_size(d) for _, d, s in outputs)
             if current and size + nbytes > max_file_bytes:
                 chunks.append(current)

@@ -2,16 +2,22 @@
 
 The artefact (written by `merge --method tsv_c`) stores, per matrix and task, the top-k factors
 U (m x k), s (k) and Vh (k x n), stacked over tasks, plus the other keys' task vectors whole,
-and `tsv_c.json` saying how fused units split back into stored keys.
+and `tsv_c.json` saying how fused units split back into stored keys and which units were
+merged transposed (HF's `visual_projection.weight`, factored in open_clip's orientation).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
+from typing import Any
 
 import torch
 
 from .checkpoints import StagedOutput, open_checkpoint
+from .checkpoints.output import REPORT_NAME, prepare_output
+from .checkpoints.scan import describe_file
 from .checkpoints.safetensors_io import DTYPES, write_safetensors
 from .checkpoints.storage import join, read_bytes
 from .errors import InputError
@@ -23,14 +29,18 @@ FILE_BYTES = 1 << 30
 
 def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool = False) -> str:
     """Write task `task`'s (0-based) model from the artefact and the base; returns `out`."""
+    prepare_output(out, overwrite, [artefact, base])  # before any tensor byte is read
     try:
         meta = json.loads(read_bytes(join(artefact, ARTEFACT_META)))
     except InputError:
         raise InputError(f"{artefact}: not a TSV-C artefact (no {ARTEFACT_META})") from None
+    except ValueError as exc:
+        raise InputError(f"{artefact}: {ARTEFACT_META} is not valid JSON ({exc})") from None
     if not 0 <= task < meta["num_tasks"]:
         raise InputError(f"{artefact}: task {task} out of range (artefact has "
                          f"{meta['num_tasks']} tasks, numbered from 0)")
     compute = DTYPES[meta["compute_dtype"]]
+    started = time.perf_counter()
     with open_checkpoint(artefact) as factors, open_checkpoint(base) as theta0, \
             StagedOutput(out, overwrite) as staged:
         pending: dict[str, torch.Tensor] = {}
@@ -57,6 +67,8 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
                                             factors.read(f"{name}::Vh")[task])
                 else:
                     tau = factors.read(f"{name}::tau")[task]
+                if unit.get("transposed", False):  # absent in older artefacts: not transposed
+                    tau = tau.T
                 theta = torch.cat(base_parts).to(compute) + tau.to(compute)
                 pieces = theta.split(unit["rows"]) if len(sources) > 1 else [theta]
                 for key, piece, part in zip(sources, pieces, base_parts):
@@ -70,4 +82,22 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
                            "weight_map": dict(sorted(weight_map.items()))})
         if theta0.config_location:
             staged.copy_in(theta0.config_location, "config.json")
+        staged.write_json(REPORT_NAME, _expand_report(staged, artefact, base, task, meta,
+                                                      time.perf_counter() - started))
         return staged.commit()
+
+
+def _expand_report(staged: StagedOutput, artefact: str, base: str, task: int,
+                   meta: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A merge report for the rebuilt model: it makes the directory recognisable as ours (so
+    --overwrite may replace it) and verifiable (`verify` checks every file it lists). Every
+    file is read back here, so nothing is committed that was not written."""
+    names = sorted(os.listdir(staged.path))
+    tensors = [describe_file(staged.file(n)) for n in names if n.endswith(".safetensors")]
+    small = [describe_file(staged.file(n)) for n in names
+             if n in ("model.safetensors.index.json", "config.json")]
+    return {"kind": "expand", "method": "tsv_c", "task": task, "output": "model",
+            "num_tasks": meta["num_tasks"], "outputs": tensors, "metadata_files": small,
+            "inputs": {"base": {"location": base}, "artefact": {"location": artefact}},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "timings_s": {"total": round(seconds, 4)}}

@@ -1,71 +1,153 @@
 """`merge-pipeline verify DIR`: does an output still hold what its merge report says?
 
-Checks every file's size and sha256 against the report, re-parses every header, checks that the
-index and the files agree, that every key of the base is there with its shape and dtype (for a
-merged model, when the base is reachable), and that every floating tensor is finite. Returns the
-list of problems; empty means the output is sound.
+Checks every tensor file's size and sha256 against the report, re-parses every header, checks
+that every floating tensor is finite, that the small files the report lists (index,
+config.json, tsv_c.json) are there with their recorded bytes, that the index and the files
+agree, and, for a merged model whose base can be opened from here, that every key of the base
+is there with its shape. The result says exactly which of these checks ran: a check that could
+not run (an unreachable base) is reported as not done, never as passed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .checkpoints.output import REPORT_NAME
 from .checkpoints.reader import open_checkpoint
-from .checkpoints.scan import scan_file
+from .checkpoints.scan import describe_file, scan_file
 from .errors import InputError, PipelineError
 
 
-def verify_output(directory: str) -> list[str]:
-    report_path = os.path.join(directory, "merge_report.json")
+class _FileEntry(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class _ReportView(BaseModel):
+    """The part of a merge report that verify relies on; other fields are not its business."""
+
+    model_config = ConfigDict(extra="ignore")
+    output: str
+    outputs: list[_FileEntry]
+    metadata_files: list[_FileEntry] | None = None
+    base_location: str | None = None
+
+
+@dataclass
+class Verification:
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    not_checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_output(directory: str) -> Verification:
+    if not os.path.isdir(directory):
+        raise InputError(f"{directory}: no such directory")
+    report_path = os.path.join(directory, REPORT_NAME)
+    if not os.path.exists(report_path):
+        raise InputError(f"{directory}: no {REPORT_NAME} (not an output of merge-pipeline)")
+    result = Verification()
+    report = _read_report(report_path, result)
+    if report is None:
+        return result
+    _check_tensor_files(directory, report, result)
+    _check_metadata_files(directory, report, result)
+    if result.problems:
+        return result
     try:
-        with open(report_path) as f:
-            report = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{directory}: no merge_report.json (not an output of this pipeline)")
-    except ValueError as exc:
-        raise InputError(f"{report_path}: not valid JSON ({exc})") from None
-    problems = []
-    for entry in report["outputs"]:
-        path = os.path.join(directory, entry["name"])
+        with open_checkpoint(directory) as merged:
+            listed = sorted(os.path.basename(f) for f in merged.files)
+            reported = sorted(e.name for e in report.outputs)
+            if listed != reported:
+                result.problems.append(f"{directory}: the index lists {listed}, the report "
+                                       f"{reported}")
+            result.checked.append("index")
+            if report.output == "model":
+                _compare_keys(merged, report.base_location, result)
+    except PipelineError as exc:
+        result.problems.append(str(exc))
+    return result
+
+
+def _read_report(path: str, result: Verification) -> _ReportView | None:
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f)
+        base = raw.get("inputs", {}).get("base", {}).get("location") if isinstance(
+            raw, dict) else None
+        return _ReportView.model_validate({**raw, "base_location": base})
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and ValidationError are ValueErrors
+        what = "not valid JSON" if not isinstance(exc, ValidationError) else "malformed"
+        result.problems.append(f"{path}: {what} ({str(exc).splitlines()[0]})")
+    except OSError as exc:
+        result.problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+    return None
+
+
+def _check_tensor_files(directory: str, report: _ReportView, result: Verification) -> None:
+    for entry in report.outputs:
+        path = os.path.join(directory, entry.name)
         try:
             scanned = scan_file(path)
         except PipelineError as exc:
-            problems.append(str(exc))
+            result.problems.append(str(exc))
             continue
-        if scanned["size"] != entry["size"]:
-            problems.append(f"{path}: {scanned['size']} bytes, report says {entry['size']}")
-        if scanned["sha256"] != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the report")
-        problems += [f"{path}: key {k!r} contains NaN or Inf" for k in scanned["nonfinite"]]
-    if problems:
-        return problems
-    with open_checkpoint(directory) as merged:
-        listed = {os.path.basename(f) for f in merged.files}
-        reported = {e["name"] for e in report["outputs"]}
-        if listed != reported:
-            problems.append(f"{directory}: index lists {sorted(listed)}, report {sorted(reported)}")
-        base_location = report["inputs"]["base"]["location"]
-        if report["output"] == "model" and _reachable(base_location):
-            problems += _compare_keys(merged, base_location)
-    return problems
+        if scanned["size"] != entry.size:
+            result.problems.append(f"{path}: {scanned['size']} bytes, the report says "
+                                   f"{entry.size}")
+        elif scanned["sha256"] != entry.sha256:
+            result.problems.append(f"{path}: sha256 differs from the report")
+        result.problems += [f"{path}: key {k!r} contains NaN or Inf"
+                            for k in scanned["nonfinite"]]
+    result.checked.append(f"{len(report.outputs)} tensor file(s): size, sha256, header, "
+                          f"finite values")
 
 
-def _reachable(location: str) -> bool:
-    return "://" in location or os.path.exists(location)
+def _check_metadata_files(directory: str, report: _ReportView, result: Verification) -> None:
+    if report.metadata_files is None:  # written before reports listed them
+        result.not_checked.append("index/config.json bytes (the report predates their "
+                                  "checksums)")
+        return
+    for entry in report.metadata_files:
+        path = os.path.join(directory, entry.name)
+        if not os.path.isfile(path):
+            result.problems.append(f"{path}: missing (the report lists it)")
+            continue
+        found = describe_file(path)
+        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
+            result.problems.append(f"{path}: differs from the report (size or sha256)")
+    if report.metadata_files:
+        result.checked.append(", ".join(e.name for e in report.metadata_files))
 
 
-def _compare_keys(merged, base_location: str) -> list[str]:
-    problems = []
-    with open_checkpoint(base_location) as base:
-        keys = set(merged.keys())
-        for key in base.keys():
-            if key not in keys:
-                problems.append(f"{merged.location}: key {key!r} of the base is missing")
-            elif merged.spec(key) != base.spec(key):
-                problems.append(f"{merged.location}: key {key!r} is {merged.spec(key)}, "
-                                f"the base has {base.spec(key)}")
-        extra = sorted(keys - set(base.keys()))
-        if extra:
-            problems.append(f"{merged.location}: keys the base lacks: {extra[:5]}")
-    return problems
+def _compare_keys(merged, base_location: str | None, result: Verification) -> None:
+    if not base_location:
+        result.not_checked.append("keys against the base (the report names no base)")
+        return
+    try:
+        with open_checkpoint(base_location) as base:
+            base_specs = base.specs()
+    except PipelineError as exc:
+        result.not_checked.append(f"keys against the base ({exc})")
+        return
+    keys = set(merged.keys())
+    for key, spec in base_specs.items():
+        if key not in keys:
+            result.problems.append(f"{merged.location}: key {key!r} of the base is missing")
+        elif merged.spec(key).shape != spec.shape:
+            result.problems.append(f"{merged.location}: key {key!r} has shape "
+                                   f"{list(merged.spec(key).shape)}, the base has "
+                                   f"{list(spec.shape)}")
+    extra = sorted(keys - set(base_specs))
+    if extra:
+        result.problems.append(f"{merged.location}: keys the base lacks: {extra[:5]}")
+    result.checked.append(f"every key of the base {base_location}")

@@ -116,13 +116,13 @@ def test_verify_accepts_a_sound_output_and_names_what_is_wrong(example, tmp_path
     out = tmp_path / "out"
     run_merge(MergeConfig(base=example[0], finetuned=example[1], method="tsv_m", alpha=1.0,
                           out=str(out), engine="local"))
-    assert verify_output(str(out)) == []
+    assert verify_output(str(out)).problems == []
     assert main(["verify", str(out)]) == 0
     files = sorted(p for p in os.listdir(out) if p.endswith(".safetensors"))
     with open(out / files[0], "r+b") as f:
         f.seek(-3, 2)
         f.write(b"\x7f\x7f\x7f")
-    problems = verify_output(str(out))
+    problems = verify_output(str(out)).problems
     assert any("sha256 differs" in p for p in problems)
     os.remove(out / files[1])
     assert main(["verify", str(out)]) == 1

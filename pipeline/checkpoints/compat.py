@@ -1,6 +1,8 @@
 """Compatibility of the base and fine-tuned checkpoints, checked before any math.
 
-Everything here needs only headers, so it costs milliseconds even for ViT-L. Finiteness needs
+Everything here needs only headers, so it costs milliseconds even for ViT-L. Floating dtypes
+may differ between checkpoints (an fp32 base with bf16 fine-tunes is common): every input is
+upcast to the compute dtype anyway. A floating key can never meet an integer one. Finiteness needs
 the data; workers check it on every tensor they read, before using it (see `merge.py`).
 """
 
@@ -40,7 +42,7 @@ def check_compatible(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> dict[
             if other.shape != spec.shape:
                 raise InputError(f"{ckpt.location}: key {key!r} has shape {list(other.shape)}, "
                                  f"base has {list(spec.shape)}")
-            if other.dtype != spec.dtype:
+            if other.dtype != spec.dtype and not (other.is_float and spec.is_float):
                 raise InputError(f"{ckpt.location}: key {key!r} has dtype {other.dtype}, "
                                  f"base has {spec.dtype}")
     return specs

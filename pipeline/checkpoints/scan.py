@@ -49,6 +49,13 @@ def _scan_safetensors(location: str) -> dict[str, Any]:
                 "nonfinite": sorted(bad)}
 
 
+def describe_file(location: str) -> dict[str, Any]:
+    """{"name", "size", "sha256"} of any file, read in chunks (outputs are read back with it
+    before they are committed, and `verify` checks them against it)."""
+    digest, size = _hash_chunks(location)
+    return {"name": location.rstrip("/").rsplit("/", 1)[-1], "size": size, "sha256": digest}
+
+
 def _hash_chunks(location: str) -> tuple[str, int]:
     reader = open_range_reader(location)
     digest = hashlib.sha256()

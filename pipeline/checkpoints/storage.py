@@ -8,6 +8,8 @@ file://) go through `pyarrow.fs`, which gives ranged reads on every backend it s
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from typing import Protocol
 
 from ..errors import InputError
@@ -21,8 +23,56 @@ class RangeReader(Protocol):
     def close(self) -> None: ...
 
 
+# Schemes a user may write with a single slash or none ("s3:bucket/x"): still a URI, never a
+# local folder named "s3:".
+_KNOWN_SCHEMES = {"file", "s3", "s3a", "s3n", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss",
+                  "az", "wasb", "wasbs", "http", "https", "ftp", "sftp", "mock"}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
 def is_uri(location: str) -> bool:
-    return "://" in location
+    match = _SCHEME.match(location)
+    return "://" in location or bool(match and match.group(1).lower() in _KNOWN_SCHEMES)
+
+
+def local_path(location: str) -> str | None:
+    """The local filesystem path a location names (a plain path or a `file:` URI), else None."""
+    if not is_uri(location):
+        return location
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme.lower() != "file" or parsed.netloc not in ("", "localhost"):
+        return None
+    return urllib.parse.unquote(parsed.path) or "/"
+
+
+def canonical(location: str) -> str:
+    """One spelling per place, for comparing locations: a local path (plain, relative,
+    `file://`, through symlinks, with a trailing slash) becomes its absolute real path; an
+    object-store URI loses its trailing slash and the case of its scheme."""
+    path = local_path(location)
+    if path is not None:
+        return os.path.realpath(path)
+    parsed = urllib.parse.urlparse(location)
+    return f"{parsed.scheme.lower()}://{parsed.netloc}{parsed.path.rstrip('/')}"
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether canonical location `inner` is `outer` or lies below it."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def output_directory(location: str, option: str = "--out") -> str:
+    """The absolute local directory an output location names. Outputs are local directories
+    (or `file://` URIs) for now: anything else is refused before any input is read, never
+    turned into a local folder called `s3:`."""
+    path = local_path(location)
+    if path is None:
+        scheme = urllib.parse.urlparse(location).scheme or location.split(":")[0]
+        raise InputError(f"{option} {location}: outputs must be a local directory or a "
+                         f"file:// URI; writing to {scheme}:// is not supported yet")
+    if not path.strip():
+        raise InputError(f"{option} is empty")
+    return os.path.abspath(path)
 
 
 def join(location: str, name: str) -> str:
