@@ -30,16 +30,14 @@ from . import __version__
 from .checkpoints import StagedOutput, check_compatible, open_checkpoint
 from .checkpoints.output import REPORT_NAME, done_marker, prepare_output
 from .checkpoints.reader import Checkpoint
-from .checkpoints.safetensors_io import DTYPE_NAMES
+from .checkpoints.safetensors_io import DTYPE_NAMES, DTYPES
 from .checkpoints.scan import describe_file, scan_file
 from .checkpoints.storage import canonical, output_directory
 from .config import MergeConfig
 from .errors import InputError, OutputError, PipelineError
 from .executors import make_executor
-from .merge import (Fault, MergeSettings, ShardJob, run_shard, shard_digit_histograms,
-                    shard_sign_total, uses_matrix_math)
-from .methods import get_method
-from .methods import ties as ties_math
+from .merge import Fault, MergeSettings, ShardJob, run_shard, shard_statistics
+from .methods import MethodSpec, get_method
 from .plan import (MergeUnit, OutputMode, PlannedFile, Shard, build_units, file_names,
                    pack_shards, plan_files)
 
@@ -98,8 +96,8 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
                       run_key=_run_key(config, settings, inputs), resume=config.resume) as out:
         reused = _verified_files(out.path, files) if out.resumed else {}
         plan = ShardPlan(files, [f for f in files if f.name not in reused], base, tuned, settings,
-                         out.path, executor.workers)
-        statistics = _global_statistics(method, executor, plan, clock)
+                         method, out.path, executor.workers)
+        statistics = _model_statistics(executor, plan, clock)
         with clock("merge"):
             shards, manifests = _run_shards(executor, plan, statistics, fault)
         written = _write_index(out, mode, files, manifests + [{"files": list(reused.values())}])
@@ -143,6 +141,7 @@ class ShardPlan:
     base: Checkpoint
     tuned: list[Checkpoint]
     settings: MergeSettings
+    method: MethodSpec
     out_dir: str
     workers: int
 
@@ -151,7 +150,8 @@ class ShardPlan:
         shards = pack_shards(files, self.workers * SHARDS_PER_WORKER) if files else []
         return shards, [ShardJob(shard, self.base.location,
                                  tuple(c.location for c in self.tuned), self.settings,
-                                 self.out_dir, statistics or {}, fault) for shard in shards]
+                                 self.method, self.out_dir, statistics or {}, fault)
+                        for shard in shards]
 
 
 def _open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any]]:
@@ -188,14 +188,22 @@ def _executor_for(config: MergeConfig, files: list[PlannedFile], given) -> tuple
     return executor, why
 
 
-def _global_statistics(method, executor, plan: ShardPlan, clock: Clock) -> dict[str, Any]:
-    """Model-wide statistics (TIES' thresholds) need every file, reused or not."""
-    if method.kind != "global":
+def _model_statistics(executor, plan: ShardPlan, clock: Clock) -> dict[str, Any]:
+    """Run the method's model-wide statistics hook, if it has one, over every file (reused or
+    not): as many passes as it asks for, each over every shard."""
+    hook = plan.method.statistics
+    if hook is None:
         return {}
-    with clock("global_statistics"):
-        _, every_file = plan.jobs(plan.files)
-        return _ties_statistics(executor, every_file, plan.files, len(plan.tuned),
-                                plan.settings.params["k"], plan.settings.compute_dtype)
+    with clock("model_statistics"):
+        _, jobs = plan.jobs(plan.files)
+        num_params = sum(u.numel for f in plan.files for u in f.units if u.is_float)
+        state = hook.start(len(plan.tuned), num_params, DTYPES[plan.settings.compute_dtype],
+                           plan.settings.params)
+        while not state.done:
+            request = state.request()
+            state.combine(executor.map(shard_statistics, [(job, request) for job in jobs],
+                                       desc=state.label))
+        return state.result()
 
 
 def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fault | None
@@ -216,7 +224,8 @@ def _write_metadata(out: StagedOutput, mode: OutputMode, config: MergeConfig,
     """The small files beside the tensors, each read back and hashed for the report."""
     names = []
     if mode == "compressed":
-        out.write_json("tsv_c.json", _artefact_meta(build_units(specs, config.fuse_qkv),
+        units = build_units(specs, config.fuse_qkv)
+        out.write_json("tsv_c.json", _artefact_meta(units, get_method(settings.method),
                                                     settings, config))
         names.append("tsv_c.json")
     if mode == "model" and base.config_location:
@@ -331,28 +340,6 @@ def _check_distinct(described: list[dict[str, Any]]) -> None:
         fingerprints[fingerprint] = ckpt["location"]
 
 
-def _ties_statistics(executor, jobs: list[ShardJob], files: list[PlannedFile], num_tasks: int,
-                     k: float, compute_dtype: str) -> dict[str, Any]:
-    """TIES' global per-task thresholds (exact radix select) and majority sign."""
-    import torch
-    num_params = sum(u.numel for f in files for u in f.units if u.is_float)
-    dtype = {"F32": torch.float32, "F64": torch.float64}[compute_dtype]
-    select = ties_math.RadixSelect(num_tasks, ties_math.kept_rank(num_params, k), dtype)
-    while not select.done:
-        calls = [(job, select.level, list(select.prefixes)) for job in jobs]
-        for histograms in executor.map(shard_digit_histograms, calls,
-                                       desc=f"ties threshold {select.level + 1}/{select.levels}"):
-            select.add(histograms)
-        select.advance()
-    thresholds = select.thresholds().tolist()
-    with_thresholds = [ShardJob(j.shard, j.base, j.finetuned, j.settings, j.out_dir,
-                                {"thresholds": thresholds}) for j in jobs]
-    totals = executor.map(shard_sign_total, [(job,) for job in with_thresholds],
-                          desc="ties majority sign")
-    return {"thresholds": thresholds, "majority_sign": int(np.sign(sum(totals))),
-            "num_params": num_params}
-
-
 def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
                  manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     written = sorted((f for m in manifests for f in m["files"]), key=lambda f: f["name"])
@@ -375,16 +362,18 @@ def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
             for f in written]
 
 
-def _artefact_meta(units: list[MergeUnit], settings: MergeSettings, config: MergeConfig
-                   ) -> dict[str, Any]:
+def _artefact_meta(units: list[MergeUnit], method: MethodSpec, settings: MergeSettings,
+                   config: MergeConfig) -> dict[str, Any]:
     """How to rebuild each stored key from a TSV-C artefact (see `tsv_c_artefact`). The
     factors are of the unit in open_clip's orientation: `transposed` says to turn it back."""
     described = {}
     for u in units:
-        kind = "matrix" if uses_matrix_math(settings, u) else "whole" if u.is_float else "copy"
+        kind = ("matrix" if method.uses_matrix_rule(u.name, u.shape, settings.exclude) else
+                "whole" if u.is_float else "copy")
         described[u.name] = {"sources": list(u.sources), "rows": list(u.rows), "kind": kind,
                              "transposed": u.transposed}
-    return {"num_tasks": len(config.finetuned), "finetuned": list(config.finetuned),
+    return {"method": method.name, "num_tasks": len(config.finetuned),
+            "finetuned": list(config.finetuned),
             "base": config.base, "compute_dtype": settings.compute_dtype,
             "units": dict(sorted(described.items()))}
 

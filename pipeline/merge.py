@@ -12,19 +12,16 @@ import os
 import resource
 import socket
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from .checkpoints.output import done_marker, write_json_atomic
 from .checkpoints.reader import Checkpoint, open_checkpoint
 from .checkpoints.safetensors_io import DTYPES, write_stream
 from .errors import InputError, TransientError
-from .methods import compress_key, get_method, is_matrix_key, merge_key, numerics_log
-from .methods import ties as ties_math
+from .methods import MethodSpec, compress_key, merge_key, numerics_log
 from .plan import MergeUnit, OutputMode, Shard
 
 
@@ -54,10 +51,14 @@ class Fault:
 
 @dataclass(frozen=True)
 class ShardJob:
+    """One shard's whole work order. It carries the method itself, not its name, so a method
+    registered outside this package runs on workers that never imported its module."""
+
     shard: Shard
     base: str
     finetuned: tuple[str, ...]
     settings: MergeSettings
+    method: MethodSpec
     out_dir: str
     statistics: dict[str, Any] = field(default_factory=dict)
     fault: Fault | None = None
@@ -123,19 +124,14 @@ def iter_unit_deltas(job: ShardJob, counters: _Counters, floats_only: bool = Fal
 
 def _unit_outputs(job: ShardJob, unit: MergeUnit, theta0: torch.Tensor,
                   deltas: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    settings = job.settings
-    method = get_method(settings.method)
+    settings, method = job.settings, job.method
     if deltas is None:  # integer buffer: copied from the base
         return _split_to_sources(unit, theta0)
     if settings.mode == "compressed":
         parts = compress_key(method, unit.name, deltas, settings.params, settings.exclude)
         return {f"{unit.name}::{name}": t.cpu() for name, t in parts.items()}
-    statistics = {}
-    if method.kind == "global":
-        statistics = {"thresholds": torch.tensor(job.statistics["thresholds"],
-                                                 dtype=deltas.dtype, device=deltas.device),
-                      "majority_sign": job.statistics["majority_sign"]}
-    tau = merge_key(method, unit.name, deltas, settings.params, settings.exclude, statistics)
+    tau = merge_key(method, unit.name, deltas, settings.params, settings.exclude,
+                    job.statistics)
     if settings.mode == "model":  # cast to the planned dtype on write (`run_shard`)
         tau = theta0 + settings.alpha * tau
     return _split_to_sources(unit, tau.cpu())
@@ -207,34 +203,9 @@ def _maybe_fail(job: ShardJob) -> None:
     raise TransientError(f"injected transient failure in shard {job.shard.index}")
 
 
-# -- TIES: the model-wide statistics ---------------------------------------------------------
-def shard_digit_histograms(job: ShardJob, level: int, prefixes: list[int]
-                           ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """This shard's radix-select histograms of |task vector| (see `methods.ties`)."""
-    totals: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(ties_math.DIGITS, np.int64))
-    for _, _, deltas in iter_unit_deltas(job, _Counters(), floats_only=True):
-        for t, (digits, counts) in enumerate(
-                ties_math.digit_histograms(deltas.cpu(), level, prefixes)):
-            np.add.at(totals[t], digits, counts)
-    out = []
-    for t in range(len(job.finetuned)):
-        dense = totals[t]
-        nonzero = np.flatnonzero(dense)
-        out.append((nonzero.astype(np.int32), dense[nonzero]))
-    return out
-
-
-def shard_sign_total(job: ShardJob) -> int:
-    thresholds = None
-    total = 0
-    for _, _, deltas in iter_unit_deltas(job, _Counters(), floats_only=True):
-        if thresholds is None:
-            thresholds = torch.tensor(job.statistics["thresholds"], dtype=deltas.dtype,
-                                      device=deltas.device)
-        total += ties_math.sign_total(deltas, thresholds)
-    return total
-
-
-def uses_matrix_math(settings: MergeSettings, unit: MergeUnit) -> bool:
-    return get_method(settings.method).kind in ("matrix", "compress") and is_matrix_key(
-        unit.name, unit.shape, settings.exclude)
+# -- model-wide statistics (method hooks) ----------------------------------------------------
+def shard_statistics(job: ShardJob, request: Any) -> Any:
+    """This shard's partial answer to one pass of its method's model-wide statistics."""
+    assert job.method.statistics is not None
+    deltas = (d for _, _, d in iter_unit_deltas(job, _Counters(), floats_only=True))
+    return job.method.statistics.shard_pass(deltas, request)

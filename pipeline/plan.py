@@ -16,7 +16,7 @@ from typing import Literal, Mapping, Sequence
 from .checkpoints.layout import group_of, natural_key, qkv_fusions, transposed_vs_open_clip
 from .checkpoints.reader import TensorSpec
 from .checkpoints.safetensors_io import dtype_size
-from .methods import MethodSpec, is_matrix_key
+from .methods import MethodSpec
 
 OutputMode = Literal["model", "task_vector", "compressed"]
 
@@ -104,8 +104,8 @@ def _single(key: str, spec: TensorSpec) -> MergeUnit:
     return MergeUnit(key, (key,), rows, spec.shape, spec.dtype)
 
 
-def unit_outputs(unit: MergeUnit, mode: OutputMode, compute_dtype: str, num_tasks: int,
-                 matrix: bool, output_dtype: str | None = None
+def unit_outputs(unit: MergeUnit, method: MethodSpec, mode: OutputMode, compute_dtype: str,
+                 num_tasks: int, matrix: bool, output_dtype: str | None = None
                  ) -> list[tuple[str, str, tuple[int, ...]]]:
     """The (key, dtype, shape) entries a unit writes in a given output mode. Floating tensors
     of a model keep the base's dtype and a task vector the compute dtype, unless
@@ -118,13 +118,11 @@ def unit_outputs(unit: MergeUnit, mode: OutputMode, compute_dtype: str, num_task
     if mode == "task_vector":
         return [(key, output_dtype or compute_dtype, shape)
                 for key, shape in zip(unit.sources, unit.source_shapes)]
-    if not matrix:
+    if not matrix or method.factors is None:
         return [(f"{unit.name}::tau", compute_dtype, (num_tasks,) + unit.shape)]
     m, n = unit.shape
-    k = min(m, n) // num_tasks
-    return [(f"{unit.name}::S", compute_dtype, (num_tasks, k)),
-            (f"{unit.name}::U", compute_dtype, (num_tasks, m, k)),
-            (f"{unit.name}::Vh", compute_dtype, (num_tasks, k, n))]
+    return [(f"{unit.name}::{part}", compute_dtype, shape)
+            for part, shape in method.factors(m, n, num_tasks).items()]
 
 
 def unit_cost(unit: MergeUnit, method: MethodSpec, num_tasks: int, matrix: bool) -> float:
@@ -148,9 +146,9 @@ def plan_files(specs: Mapping[str, TensorSpec], method: MethodSpec, num_tasks: i
     for group in sorted(by_group, key=natural_key):
         current, size = [], 0
         for unit in by_group[group]:
-            matrix = method.kind in ("matrix", "compress") and is_matrix_key(
-                unit.name, unit.shape, exclude)
-            outputs = unit_outputs(unit, mode, compute_dtype, num_tasks, matrix, output_dtype)
+            matrix = method.uses_matrix_rule(unit.name, unit.shape, exclude)
+            outputs = unit_outputs(unit, method, mode, compute_dtype, num_tasks, matrix,
+                                   output_dtype)
             nbytes = sum(math.prod(s) * dtype_size(d) for _, d, s in outputs)
             if current and size + nbytes > max_file_bytes:
                 chunks.append(current)

@@ -21,7 +21,7 @@ from .checkpoints.scan import describe_file
 from .checkpoints.safetensors_io import DTYPES, write_safetensors
 from .checkpoints.storage import join, read_bytes
 from .errors import InputError
-from .methods.tsv import tsv_c_reconstruct
+from .methods import get_method
 
 ARTEFACT_META = "tsv_c.json"
 FILE_BYTES = 1 << 30
@@ -40,9 +40,16 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
         raise InputError(f"{artefact}: task {task} out of range (artefact has "
                          f"{meta['num_tasks']} tasks, numbered from 0)")
     compute = DTYPES[meta["compute_dtype"]]
+    method = get_method(meta.get("method", "tsv_c"))  # artefacts before 2: always TSV-C
+    if method.reconstruct is None:
+        raise InputError(f"{artefact}: method {method.name!r} stores no per-task factors")
     started = time.perf_counter()
     with open_checkpoint(artefact) as factors, open_checkpoint(base) as theta0, \
             StagedOutput(out, overwrite) as staged:
+        stored: dict[str, list[str]] = {}  # unit -> the names of its stored factors
+        for key in factors.keys():
+            unit_name, _, part = key.rpartition("::")
+            stored.setdefault(unit_name, []).append(part)
         pending: dict[str, torch.Tensor] = {}
         weight_map: dict[str, str] = {}
         files = 0
@@ -62,9 +69,8 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
                 pending.update(zip(sources, base_parts))
             else:
                 if unit["kind"] == "matrix":
-                    tau = tsv_c_reconstruct(factors.read(f"{name}::U")[task],
-                                            factors.read(f"{name}::S")[task],
-                                            factors.read(f"{name}::Vh")[task])
+                    tau = method.reconstruct({part: factors.read(f"{name}::{part}")[task]
+                                              for part in stored[name]})
                 else:
                     tau = factors.read(f"{name}::tau")[task]
                 if unit.get("transposed", False):  # absent in older artefacts: not transposed

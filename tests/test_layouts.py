@@ -20,6 +20,7 @@ from pipeline.checkpoints.layout import (CORRESPONDENCES, hf_to_open_clip, open_
 from pipeline.config import MergeConfig
 from pipeline.engine import run_merge
 from pipeline.errors import InputError
+from pipeline.methods import get_method
 from pipeline.examples import finetune_like
 from pipeline.plan import build_units, unit_outputs
 from pipeline.tsv_c_artefact import expand_task
@@ -154,7 +155,7 @@ def test_planner_merges_the_hf_projection_in_open_clip_orientation(twins):
     units = {u.name: u for u in build_units(specs, fuse_qkv=True)}
     projection = units["visual_projection.weight"]
     assert projection.transposed and projection.shape == (64, 48)
-    assert unit_outputs(projection, "model", "F32", NUM_TASKS, True) == [
+    assert unit_outputs(projection, get_method("iso_cts"), "model", "F32", NUM_TASKS, True) == [
         ("visual_projection.weight", "F32", (48, 64))]
     assert not any(u.transposed for name, u in units.items() if name != projection.name)
     open_clip_units = build_units({"visual.proj": TensorSpec("F32", (64, 48))})

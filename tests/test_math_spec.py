@@ -179,7 +179,7 @@ def test_tsv_c_factors_reconstruct_the_rank_k_truncation(T):
     assert stored == k * (64 + 40 + 1)
     expected = ref.tsv_c(d)
     for t in range(T):
-        got = tsv_c_reconstruct(factors["U"][t], factors["S"][t], factors["Vh"][t])
+        got = tsv_c_reconstruct({name: f[t] for name, f in factors.items()})
         assert rel(got, expected[t]) <= 1e-4
 
 

@@ -1,13 +1,13 @@
 """Merge methods: pure tensor functions, registered by name. No Ray, no I/O."""
 
 from . import baselines, isotropic, ties, tsv  # noqa: F401  (registers the methods)
-from .apply import DEFAULT_EXCLUDE, compress_key, is_matrix_key, merge_key, task_mean
+from .apply import DEFAULT_EXCLUDE, compress_key, merge_key, task_mean
 from .linalg import numerics_log, svd
-from .registry import (LINEAR_ALPHA_GRID, SVD_ALPHA_GRID, MethodSpec, get_method,
-                       method_names, register)
+from .registry import (LINEAR_ALPHA_GRID, SVD_ALPHA_GRID, MethodSpec, ModelStatistics,
+                       StatisticsState, get_method, method_names, register)
 
 __all__ = [
-    "DEFAULT_EXCLUDE", "LINEAR_ALPHA_GRID", "SVD_ALPHA_GRID", "MethodSpec", "compress_key",
-    "get_method", "is_matrix_key", "merge_key", "method_names", "numerics_log",
+    "DEFAULT_EXCLUDE", "LINEAR_ALPHA_GRID", "SVD_ALPHA_GRID", "MethodSpec", "ModelStatistics",
+    "StatisticsState", "compress_key", "get_method", "merge_key", "method_names", "numerics_log",
     "register", "svd", "task_mean",
 ]

@@ -8,23 +8,57 @@ Kinds, which decide how the engine applies a function to a checkpoint:
 - ``matrix``: called on each 2-D, non-excluded key with the stacked task matrices
   ``(T, m, n)``; every other floating key gets the task mean (spec section 0).
 - ``elementwise``: called on every floating key with the stacked task vectors ``(T, ...)``.
-- ``global``: like elementwise, but needs model-wide statistics first (TIES' per-task
-  threshold); the engine computes them in a first pass and passes them as keyword arguments.
-- ``compress``: returns per-task factors instead of one merged tensor (TSV-C).
+- ``compress``: returns per-task factors instead of one merged tensor (TSV-C); `reconstruct`
+  rebuilds one task's matrix from its factors.
+
+Hooks, which let the engine run any method without knowing its name:
+- ``statistics``: model-wide statistics the method needs before any key can be merged (TIES'
+  global per-task threshold and majority sign). The engine runs the passes it asks for over
+  every shard and hands the result to the function as keyword arguments.
+- a function that takes a keyword-only ``key`` receives the merge unit's name (for per-key
+  seeding, say).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping, Protocol
+
+import torch
 
 from ..errors import InputError
 
-Kind = Literal["matrix", "elementwise", "global", "compress"]
+Kind = Literal["matrix", "elementwise", "compress"]
 
 SVD_ALPHA_GRID = tuple(round(0.1 * i, 10) for i in range(1, 31))
 LINEAR_ALPHA_GRID = tuple(i / 30 for i in range(1, 31))
+
+
+class StatisticsState(Protocol):
+    """Driver-side progress of one model-wide statistic: what to ask every shard next, how to
+    fold their answers in, and the final result (JSON-able: it goes into the report)."""
+
+    done: bool
+    label: str  # shown on the progress bar
+
+    def request(self) -> Any: ...
+
+    def combine(self, partials: list[Any]) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class ModelStatistics(Protocol):
+    """A statistic over the whole model, computed shard by shard (see `StatisticsState`)."""
+
+    def start(self, num_tasks: int, num_params: int, dtype: torch.dtype,
+              params: Mapping[str, Any]) -> StatisticsState: ...
+
+    def shard_pass(self, deltas: Iterable[torch.Tensor], request: Any) -> Any:
+        """Worker side: this shard's partial answer to `request`, from its stacked task
+        vectors (T, ...) key by key, in plan order."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +73,20 @@ class MethodSpec:
     svds_per_key: Callable[[int], int] = lambda t: 0
     defaults: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[Mapping[str, Any]], None] = lambda params: None
+    statistics: ModelStatistics | None = None
+    # compress methods: {factor name: shape} of one (m, n) matrix's factors for T tasks, and
+    # one task's matrix rebuilt from its factors.
+    factors: Callable[[int, int, int], Mapping[str, tuple[int, ...]]] | None = None
+    reconstruct: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None
+    wants_key: bool = False
+
+    def uses_matrix_rule(self, key: str, shape: tuple[int, ...], exclude: Iterable[str]
+                         ) -> bool:
+        """Whether this method's own rule applies to a key: matrix and compress methods treat
+        2-D keys not excluded; every other floating key gets the task mean. The one place
+        this is decided (planner, workers and math alike)."""
+        return self.kind != "elementwise" and len(shape) == 2 and not any(
+            pattern in key for pattern in exclude)
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `given`, coerced to the defaults' types and validated."""
@@ -77,9 +125,12 @@ def register(name: str, kind: Kind, **facts: Any) -> Callable[[Callable], Callab
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()
-                    if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
-        _REGISTRY[name] = MethodSpec(name=name, fn=fn, kind=kind, defaults=defaults, **facts)
+        parameters = inspect.signature(fn).parameters.values()
+        defaults = {p.name: p.default for p in parameters
+                    if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name != "key"}
+        wants_key = any(p.name == "key" and p.kind is p.KEYWORD_ONLY for p in parameters)
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, kind=kind, defaults=defaults,
+                                     wants_key=wants_key, **facts)
         return fn
     return decorate
 

@@ -11,7 +11,7 @@ float32, four for float64, a few kilobytes each; the result is exactly `kthvalue
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,10 +33,74 @@ def _validate(params: Mapping) -> None:
                          f"got {params['merge_func']!r}")
 
 
-@register("ties", "global", alpha_grid=LINEAR_ALPHA_GRID, validate=_validate)
-def ties(deltas: torch.Tensor, *, thresholds: torch.Tensor, majority_sign: int,
-         k: float = 20.0, merge_func: str = "mean") -> torch.Tensor:
+class TiesStatistics:
+    """TIES' model-wide statistics as a method hook: the exact per-task thresholds (a radix
+    select, one pass per 16-bit digit), then the majority sign (one more pass)."""
+
+    def start(self, num_tasks: int, num_params: int, dtype: torch.dtype,
+              params: Mapping[str, Any]) -> "_TiesState":
+        return _TiesState(RadixSelect(num_tasks, kept_rank(num_params, params["k"]), dtype))
+
+    def shard_pass(self, deltas: Iterable[torch.Tensor], request: tuple) -> Any:
+        if request[0] == "sign":
+            thresholds = None
+            total = 0
+            for d in deltas:
+                if thresholds is None:
+                    thresholds = torch.tensor(request[1], dtype=d.dtype, device=d.device)
+                total += sign_total(d, thresholds)
+            return total
+        _, level, prefixes = request
+        totals: dict[int, np.ndarray] = {}
+        for d in deltas:
+            for t, (digits, counts) in enumerate(digit_histograms(d.cpu(), level, prefixes)):
+                np.add.at(totals.setdefault(t, np.zeros(DIGITS, np.int64)), digits, counts)
+        out = []
+        for t in range(len(prefixes)):
+            dense = totals.get(t, np.zeros(DIGITS, np.int64))
+            nonzero = np.flatnonzero(dense)
+            out.append((nonzero.astype(np.int32), dense[nonzero]))
+        return out
+
+
+class _TiesState:
+    def __init__(self, select: "RadixSelect"):
+        self.select = select
+        self.thresholds: list[float] | None = None
+        self.majority_sign: int | None = None
+        self._advance_phase()
+
+    def _advance_phase(self) -> None:
+        if self.select.done and self.thresholds is None:
+            self.thresholds = self.select.thresholds().tolist()
+        self.done = self.majority_sign is not None
+        self.label = (f"ties threshold {self.select.level + 1}/{self.select.levels}"
+                      if self.thresholds is None else "ties majority sign")
+
+    def request(self) -> tuple:
+        if self.thresholds is None:
+            return ("histogram", self.select.level, list(self.select.prefixes))
+        return ("sign", self.thresholds)
+
+    def combine(self, partials: list[Any]) -> None:
+        if self.thresholds is None:
+            for histograms in partials:
+                self.select.add(histograms)
+            self.select.advance()
+        else:
+            self.majority_sign = int(np.sign(sum(partials)))
+        self._advance_phase()
+
+    def result(self) -> dict[str, Any]:
+        return {"thresholds": self.thresholds, "majority_sign": self.majority_sign}
+
+
+@register("ties", "elementwise", alpha_grid=LINEAR_ALPHA_GRID, validate=_validate,
+          statistics=TiesStatistics())
+def ties(deltas: torch.Tensor, *, thresholds: Sequence[float] | torch.Tensor,
+         majority_sign: int, k: float = 20.0, merge_func: str = "mean") -> torch.Tensor:
     """Apply the trim / elect / disjoint-merge steps to one key, given the global statistics."""
+    thresholds = torch.as_tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
     trimmed = trim(deltas, thresholds)
     signs = elected_signs(trimmed)
     signs[signs == 0] = majority_sign

@@ -8,6 +8,8 @@ matrices (polar factors), keeping the singular values as they were.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from .linalg import polar_and_spectrum, top_svd
@@ -50,7 +52,19 @@ def tsv_m(deltas: torch.Tensor) -> torch.Tensor:
     return (polar_u * s_cat).to(deltas.dtype) @ polar_vh.to(deltas.dtype)
 
 
-@register("tsv_c", "compress", fixed_alpha=lambda num_tasks: 1.0, svds_per_key=lambda t: t)
+def tsv_c_factor_shapes(rows: int, cols: int, num_tasks: int) -> dict[str, tuple[int, ...]]:
+    """What TSV-C stores for one (m, n) matrix: per task U (m x k), s (k) and Vh (k x n)."""
+    k = tsv_rank(rows, cols, num_tasks)
+    return {"U": (num_tasks, rows, k), "S": (num_tasks, k), "Vh": (num_tasks, k, cols)}
+
+
+def tsv_c_reconstruct(factors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One task's compressed matrix U diag(s) Vh from its stored factors."""
+    return (factors["U"] * factors["S"]) @ factors["Vh"]
+
+
+@register("tsv_c", "compress", fixed_alpha=lambda num_tasks: 1.0, svds_per_key=lambda t: t,
+          factors=tsv_c_factor_shapes, reconstruct=tsv_c_reconstruct)
 def tsv_c(deltas: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per task the top-k factors: k (m + n + 1) numbers per matrix and task instead of m n.
 
@@ -59,8 +73,3 @@ def tsv_c(deltas: torch.Tensor) -> dict[str, torch.Tensor]:
     num_tasks, rows, cols = deltas.shape
     u, s, vh = top_triplets(deltas, tsv_rank(rows, cols, num_tasks), float32_subspace=True)
     return {"U": u.to(deltas.dtype), "S": s.to(deltas.dtype), "Vh": vh.to(deltas.dtype)}
-
-
-def tsv_c_reconstruct(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    """One task's compressed matrix U diag(s) Vh from its stored factors."""
-    return (u * s) @ vh
