@@ -84,19 +84,19 @@ def measure(model, method, base, tuned, workers, executor, out) -> dict:
     t0 = time.perf_counter()
     report = run_merge(config, executor=executor)
     wall = time.perf_counter() - t0
-    shards = report["engine"]["shards"]
+    shards = report.engine.shards
     num_tasks = len(tuned)
-    largest_shard = max(s["bytes_read"] / (num_tasks + 1) for s in shards)  # one copy
+    largest_shard = max(s.bytes_read / (num_tasks + 1) for s in shards)  # one copy
     return {
         "model": model, "method": method, "T": num_tasks,
         "workers": "plain loop" if executor is None else workers,
         "wall_s": round(wall, 1),
-        "svd_s": report["numerics"]["svd_seconds"],
-        "read_GB": round(sum(s["bytes_read"] for s in shards) / 1e9, 2),
+        "svd_s": report.numerics.svd_seconds,
+        "read_GB": round(sum(s.bytes_read for s in shards) / 1e9, 2),
         "driver_peak_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, 2),
-        "worker_peak_GiB": round(report["engine"]["peak_worker_rss_bytes"] / GiB, 2),
+        "worker_peak_GiB": round(report.engine.peak_worker_rss_bytes / GiB, 2),
         "goal_(T+2)x_shard_GiB": round((num_tasks + 2) * largest_shard / GiB, 2),
-        "fallbacks": len(report["numerics"]["fallbacks"]),
+        "fallbacks": len(report.numerics.fallbacks),
     }
 
 

@@ -38,9 +38,9 @@ def run_demo(workdir: str, workers: int = 2, num_tasks: int = 8) -> int:
         rows.append((method, report))
     print(f"\n{'method':<16}{'alpha':>7}{'files':>7}{'shards':>8}{'SVDs':>7}{'seconds':>9}  output")
     for method, r in rows:
-        alpha = "-" if r["alpha"] is None else f"{r['alpha']:.3g}"
-        print(f"{method:<16}{alpha:>7}{len(r['outputs']):>7}{len(r['engine']['shards']):>8}"
-              f"{r['numerics']['svd_calls']:>7}{r['timings_s']['total']:>9.2f}  "
+        alpha = "-" if r.alpha is None else f"{r.alpha:.3g}"
+        print(f"{method:<16}{alpha:>7}{len(r.outputs):>7}{len(r.engine.shards):>8}"
+              f"{r.numerics.svd_calls:>7}{r.timings_s['total']:>9.2f}  "
               f"{workdir}/merged/{method}")
     task_model = expand_task(os.path.join(workdir, "merged", "tsv_c"), base, 0,
                              os.path.join(workdir, "merged", "tsv_c-task0"), overwrite=True)
@@ -50,8 +50,8 @@ def run_demo(workdir: str, workers: int = 2, num_tasks: int = 8) -> int:
                                    out=os.path.join(workdir, "merged", "iso_cts-1worker"),
                                    fuse_qkv=True, overwrite=True, engine="local"))
     many = dict(rows)["iso_cts"]
-    same = [f["sha256"] for f in single["outputs"]] == [f["sha256"] for f in many["outputs"]]
+    same = [f.sha256 for f in single.outputs] == [f.sha256 for f in many.outputs]
     print(f"determinism: iso_cts in-process vs {executor.workers} Ray workers -> "
-          f"{'bit-identical' if same else 'DIFFERENT'} ({len(many['outputs'])} files)")
+          f"{'bit-identical' if same else 'DIFFERENT'} ({len(many.outputs)} files)")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0 if same else 1

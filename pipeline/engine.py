@@ -30,7 +30,7 @@ from . import __version__
 from .checkpoints import StagedOutput, check_compatible, open_checkpoint
 from .checkpoints.output import REPORT_NAME, done_marker, prepare_output
 from .checkpoints.reader import Checkpoint
-from .checkpoints.safetensors_io import DTYPE_NAMES, DTYPES
+from .checkpoints.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size
 from .checkpoints.scan import describe_file, scan_file
 from .checkpoints.storage import canonical, output_directory
 from .config import MergeConfig
@@ -38,6 +38,9 @@ from .errors import InputError, OutputError, PipelineError
 from .executors import make_executor
 from .merge import Fault, MergeSettings, ShardJob, run_shard, shard_statistics
 from .methods import MethodSpec, get_method
+from .records import (DtypesRecord, EngineRecord, FileRecord, MergeReport, ModelSize,
+                      NumericsRecord, OutputFile, ShardManifest, ShardRecord, TensorLayout,
+                      WrittenFile)
 from .plan import (MergeUnit, OutputMode, PlannedFile, Shard, build_units, file_names,
                    pack_shards, plan_files)
 
@@ -59,7 +62,7 @@ INDEX_NAMES = {"model": "model.safetensors.index.json",
 AUTO_RAY_ABOVE_S = 30.0
 
 
-def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) -> dict[str, Any]:
+def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) -> MergeReport:
     """Merge as `config` says and return the merge report (also written to the output).
 
     Every check that needs no tensor bytes (options, output location, headers, free space,
@@ -100,17 +103,51 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
         statistics = _model_statistics(executor, plan, clock)
         with clock("merge"):
             shards, manifests = _run_shards(executor, plan, statistics, fault)
-        written = _write_index(out, mode, files, manifests + [{"files": list(reused.values())}])
+        written = _write_index(out, mode, files,
+                               [f for m in manifests for f in m.files] + list(reused.values()))
         metadata_files = _write_metadata(out, mode, config, specs, settings, base)
         clock.stop()
-        report = _report(config, method.name, params, alpha, mode, statistics, inputs, specs,
-                         executor, shards, manifests, written, clock.seconds)
-        report.update(resumed_files=sorted(reused), metadata_files=metadata_files,
-                      dtypes=_dtypes(base, tuned, config, files))
-        report["engine"]["chosen"] = engine_choice
-        out.write_json(REPORT_NAME, report)
+        report = MergeReport(
+            run_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            method=method.name, params=params, alpha=alpha if mode == "model" else None,
+            alpha_grid=list(method.alpha_grid), output=mode, num_tasks=len(tuned),
+            options={"exclude": list(config.exclude), "compute_dtype": config.compute_dtype,
+                     "threads": config.threads, "fuse_qkv": config.fuse_qkv,
+                     "max_shard_size": config.max_shard_size},
+            statistics=statistics, inputs=inputs or _locations(config), outputs=written,
+            metadata_files=metadata_files,
+            model=ModelSize(tensors=len(specs),
+                            parameters=sum(math.prod(s.shape) for s in specs.values())),
+            versions=library_versions(),
+            timings_s={k: round(v, 4) for k, v in clock.seconds.items()},
+            engine=_engine_record(executor, engine_choice, shards, manifests),
+            numerics=NumericsRecord(
+                fallbacks=[e for m in manifests for e in m.numerics],
+                svd_seconds=round(sum(m.seconds.svd for m in manifests), 4),
+                svd_calls=sum(m.svd_calls for m in manifests)),
+            resumed_files=sorted(reused), dtypes=_dtypes(base, tuned, config, files))
+        out.write_text(REPORT_NAME, report.to_json())
         out.commit()
     return report
+
+
+def _locations(config: MergeConfig) -> dict[str, Any]:
+    """The report's inputs when they were not scanned: where they were, no checksums."""
+    return {"base": {"location": config.base},
+            "finetuned": [{"location": p} for p in config.finetuned]}
+
+
+def _engine_record(executor, chosen: str, shards: list[Shard],
+                   manifests: list[ShardManifest]) -> EngineRecord:
+    records = [ShardRecord(index=s.index, files=[f.name for f in s.files], units=m.units,
+                           cost_estimate_s=m.cost_estimate_s, node=m.node, pid=m.pid,
+                           device=m.device, bytes_read=m.bytes_read, seconds=m.seconds,
+                           svd_calls=m.svd_calls, peak_rss_bytes=m.peak_rss_bytes)
+               for s, m in zip(shards, manifests)]
+    # Workers are reused across shards: the largest lifetime peak bounds each.
+    peak = max((m.peak_rss_bytes for m in manifests), default=None)
+    return EngineRecord(**executor.info(), host=platform.node(), chosen=chosen,
+                        shards=records, peak_worker_rss_bytes=peak)
 
 
 class Clock:
@@ -207,7 +244,7 @@ def _model_statistics(executor, plan: ShardPlan, clock: Clock) -> dict[str, Any]
 
 
 def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fault | None
-                ) -> tuple[list[Shard], list[dict[str, Any]]]:
+                ) -> tuple[list[Shard], list[ShardManifest]]:
     shards, jobs = plan.jobs(plan.todo, statistics, fault)
     try:
         manifests = executor.map(run_shard, [(job,) for job in jobs],
@@ -220,7 +257,7 @@ def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fa
 
 def _write_metadata(out: StagedOutput, mode: OutputMode, config: MergeConfig,
                     specs: dict[str, Any], settings: MergeSettings, base: Checkpoint
-                    ) -> list[dict[str, Any]]:
+                    ) -> list[FileRecord]:
     """The small files beside the tensors, each read back and hashed for the report."""
     names = []
     if mode == "compressed":
@@ -232,16 +269,16 @@ def _write_metadata(out: StagedOutput, mode: OutputMode, config: MergeConfig,
         out.copy_in(base.config_location, "config.json")
         names.append("config.json")
     names += [n for n in INDEX_NAMES.values() if os.path.exists(out.file(n))]
-    return [describe_file(out.file(name)) for name in sorted(names)]
+    return [FileRecord(**describe_file(out.file(name))) for name in sorted(names)]
 
 
 def _dtypes(base: Checkpoint, tuned: list[Checkpoint], config: MergeConfig,
-            files: list[PlannedFile]) -> dict[str, Any]:
+            files: list[PlannedFile]) -> DtypesRecord:
     def floats(ckpt: Checkpoint) -> list[str]:
         return sorted({s.dtype for s in ckpt.specs().values() if s.is_float})
-    return {"inputs": {c.location: floats(c) for c in [base, *tuned]},
-            "compute": COMPUTE_DTYPES[config.compute_dtype],
-            "output": sorted({d for f in files for _, d, _ in f.layout})}
+    return DtypesRecord(inputs={c.location: floats(c) for c in [base, *tuned]},
+                        compute=COMPUTE_DTYPES[config.compute_dtype],
+                        output=sorted({d for f in files for _, d, _ in f.layout}))
 
 
 def _dtype_name(dtype: str | None) -> str | None:
@@ -273,20 +310,20 @@ def _run_key(config: MergeConfig, settings: MergeSettings, inputs: dict | None) 
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, dict[str, Any]]:
+def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, WrittenFile]:
     """Finished files of an interrupted run whose done-marker matches the plan and whose bytes
     still hash to the recorded sha256; anything else is deleted and recomputed."""
     verified = {}
     for planned in files:
         path, marker = os.path.join(staging, planned.name), done_marker(staging, planned.name)
         try:
-            with open(marker) as f:
-                manifest = json.load(f)
-            expected = {k: {"dtype": d, "shape": list(s)} for k, d, s in planned.layout}
-            if manifest["tensors"] == expected and scan_file(path)["sha256"] == manifest["sha256"]:
+            with open(marker, "rb") as f:
+                manifest = WrittenFile.model_validate_json(f.read())
+            expected = {k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}
+            if manifest.tensors == expected and scan_file(path)["sha256"] == manifest.sha256:
                 verified[planned.name] = manifest
                 continue
-        except (OSError, ValueError, KeyError, PipelineError):
+        except (OSError, ValueError, PipelineError):  # pydantic's ValidationError included
             pass
         for stale in (path, marker):
             if os.path.exists(stale):
@@ -341,24 +378,24 @@ def _check_distinct(described: list[dict[str, Any]]) -> None:
 
 
 def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
-                 manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    written = sorted((f for m in manifests for f in m["files"]), key=lambda f: f["name"])
+                 written: list[WrittenFile]) -> list[OutputFile]:
+    written = sorted(written, key=lambda f: f.name)
     expected = sorted(f.name for f in files)
-    if [f["name"] for f in written] != expected:
-        raise RuntimeError(f"shards wrote {[f['name'] for f in written]}, planned {expected}")
+    if [f.name for f in written] != expected:
+        raise RuntimeError(f"shards wrote {[f.name for f in written]}, planned {expected}")
     for entry in written:  # nothing is committed on a worker's word alone: read it back
-        found = describe_file(out.file(entry["name"]))
-        if (found["size"], found["sha256"]) != (entry["size"], entry["sha256"]):
-            raise OutputError(f"{out.file(entry['name'])}: holds {found['size']} bytes with "
-                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry['size']} "
-                              f"bytes with sha256 {entry['sha256'][:12]}; not committed")
+        found = describe_file(out.file(entry.name))
+        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
+            raise OutputError(f"{out.file(entry.name)}: holds {found['size']} bytes with "
+                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry.size} "
+                              f"bytes with sha256 {entry.sha256[:12]}; not committed")
     if len(files) > 1 or files[0].name != file_names(1, mode)[0]:
-        weight_map = {key: f["name"] for f in written for key in f["tensors"]}
-        total = sum(math.prod(t["shape"]) * _itemsize(t["dtype"])
-                    for f in written for t in f["tensors"].values())
+        weight_map = {key: f.name for f in written for key in f.tensors}
+        total = sum(math.prod(t.shape) * dtype_size(t.dtype)
+                    for f in written for t in f.tensors.values())
         out.write_json(INDEX_NAMES[mode], {"metadata": {"total_size": total},
                                            "weight_map": dict(sorted(weight_map.items()))})
-    return [{k: f[k] for k in ("name", "size", "sha256")} | {"tensors": len(f["tensors"])}
+    return [OutputFile(name=f.name, size=f.size, sha256=f.sha256, tensors=len(f.tensors))
             for f in written]
 
 
@@ -378,11 +415,6 @@ def _artefact_meta(units: list[MergeUnit], method: MethodSpec, settings: MergeSe
             "units": dict(sorted(described.items()))}
 
 
-def _itemsize(dtype: str) -> int:
-    from .checkpoints.safetensors_io import dtype_size
-    return dtype_size(dtype)
-
-
 def library_versions() -> dict[str, str]:
     import pyarrow
     import safetensors
@@ -393,44 +425,3 @@ def library_versions() -> dict[str, str]:
     if "ray" in sys.modules:
         versions["ray"] = sys.modules["ray"].__version__
     return versions
-
-
-def _report(config: MergeConfig, method: str, params: dict, alpha: float, mode: str,
-            statistics: dict, inputs: dict | None, specs: dict, executor, shards, manifests,
-            written, timings: dict[str, float]) -> dict[str, Any]:
-    numerics = [e for m in manifests for e in m["numerics"]]
-    return {
-        "run_id": uuid.uuid4().hex,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "method": method,
-        "params": params,
-        "alpha": alpha if mode == "model" else None,
-        "alpha_grid": list(get_method(method).alpha_grid),
-        "output": mode,
-        "num_tasks": len(config.finetuned),
-        "options": {"exclude": list(config.exclude), "compute_dtype": config.compute_dtype,
-                    "threads": config.threads, "fuse_qkv": config.fuse_qkv,
-                    "max_shard_size": config.max_shard_size},
-        "statistics": statistics,
-        "inputs": inputs or {"base": {"location": config.base},
-                             "finetuned": [{"location": p} for p in config.finetuned]},
-        "outputs": written,
-        "model": {"tensors": len(specs),
-                  "parameters": sum(math.prod(spec.shape) for spec in specs.values())},
-        "versions": library_versions(),
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "engine": {**executor.info(), "host": platform.node(),
-                   "shards": [{"index": s.index, "files": [f.name for f in s.files],
-                               "units": m["units"], "cost_estimate_s": m["cost_estimate_s"],
-                               "node": m["node"], "pid": m["pid"], "device": m["device"],
-                               "bytes_read": m["bytes_read"], "seconds": m["seconds"],
-                               "svd_calls": m["svd_calls"],
-                               "peak_rss_bytes": m["peak_rss_bytes"]}
-                              for s, m in zip(shards, manifests)],
-                   # Workers are reused across shards: the largest lifetime peak bounds each.
-                   "peak_worker_rss_bytes": max((m["peak_rss_bytes"] for m in manifests),
-                                                default=None)},
-        "numerics": {"fallbacks": numerics,
-                     "svd_seconds": round(sum(m["seconds"]["svd"] for m in manifests), 4),
-                     "svd_calls": sum(m["svd_calls"] for m in manifests)},
-    }

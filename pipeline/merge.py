@@ -23,6 +23,7 @@ from .checkpoints.safetensors_io import DTYPES, write_stream
 from .errors import InputError, TransientError
 from .methods import MethodSpec, compress_key, merge_key, numerics_log
 from .plan import MergeUnit, OutputMode, Shard
+from .records import ShardManifest, ShardSeconds, TensorLayout, WrittenFile
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _split_to_sources(unit: MergeUnit, tensor: torch.Tensor) -> dict[str, torch.
     return dict(zip(unit.sources, tensor.split(list(unit.rows))))
 
 
-def run_shard(job: ShardJob) -> dict[str, Any]:
+def run_shard(job: ShardJob) -> ShardManifest:
     """Merge one shard and write its files into `job.out_dir`; return its manifest."""
     started = time.perf_counter()
     counters = _Counters()
@@ -168,28 +169,22 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
                                     for key, dtype, _ in planned.layout),
                                    {"format": "pt"})
             counters.write_s += time.perf_counter() - t0
-            files.append({"name": written.name, "size": written.size, "sha256": written.sha256,
-                          "tensors": {k: {"dtype": d, "shape": list(s)}
-                                      for k, d, s in planned.layout}})
-            write_json_atomic(done_marker(job.out_dir, written.name), files[-1])
+            files.append(WrittenFile(
+                name=written.name, size=written.size, sha256=written.sha256,
+                tensors={k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}))
+            write_json_atomic(done_marker(job.out_dir, written.name),
+                              files[-1].model_dump(mode="json"))
         units.close()
-    return {
-        "shard": job.shard.index,
-        "files": files,
-        "units": sum(len(f.units) for f in job.shard.files),
-        "cost_estimate_s": round(job.shard.cost, 3),
-        "node": socket.gethostname(),
-        "pid": os.getpid(),
-        "device": job.settings.device,
-        "bytes_read": counters.bytes_read,
-        "seconds": {"total": round(time.perf_counter() - started, 4),
-                    "read": round(counters.read_s, 4), "compute": round(counters.compute_s, 4),
-                    "write": round(counters.write_s, 4), "svd": round(log.svd_seconds, 4)},
-        "svd_calls": log.svd_calls,
-        "numerics": log.events,
-        # Lifetime peak of this worker process (Ray reuses workers): an upper bound per shard.
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    return ShardManifest(
+        shard=job.shard.index, files=files, units=sum(len(f.units) for f in job.shard.files),
+        cost_estimate_s=round(job.shard.cost, 3), node=socket.gethostname(), pid=os.getpid(),
+        device=job.settings.device, bytes_read=counters.bytes_read,
+        seconds=ShardSeconds(total=round(time.perf_counter() - started, 4),
+                             read=round(counters.read_s, 4),
+                             compute=round(counters.compute_s, 4),
+                             write=round(counters.write_s, 4), svd=round(log.svd_seconds, 4)),
+        svd_calls=log.svd_calls, numerics=log.events,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _maybe_fail(job: ShardJob) -> None:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .records import MergeReport
 from .results import MEAN, git_commit, hardware, new_run_id, params_json
 
 
@@ -64,12 +65,12 @@ def bench_rows(ctx: RunContext, summary: dict[str, Any]) -> list[dict[str, Any]]
     return rows
 
 
-def merge_rows(ctx: RunContext, report: dict[str, Any], base: str) -> list[dict[str, Any]]:
-    return [ctx.row(method=report["method"], params=params_json(report["params"]),
-                    model=base, model_params=report["model"]["parameters"],
-                    num_tasks=report["num_tasks"], alpha=report["alpha"],
-                    merge_seconds=report["timings_s"]["total"],
-                    peak_memory_bytes=report["engine"]["peak_worker_rss_bytes"])]
+def merge_rows(ctx: RunContext, report: MergeReport, base: str) -> list[dict[str, Any]]:
+    return [ctx.row(method=report.method, params=params_json(report.params),
+                    model=base, model_params=report.model.parameters,
+                    num_tasks=report.num_tasks, alpha=report.alpha,
+                    merge_seconds=report.timings_s["total"],
+                    peak_memory_bytes=report.engine.peak_worker_rss_bytes)]
 
 
 def evaluation_rows(ctx: RunContext, suite: str, suite_dir: str, method: str, split: str,

@@ -22,6 +22,7 @@ from .checkpoints.safetensors_io import DTYPES, write_safetensors
 from .checkpoints.storage import join, read_bytes
 from .errors import InputError
 from .methods import get_method
+from .records import ExpandReport, FileRecord
 
 ARTEFACT_META = "tsv_c.json"
 FILE_BYTES = 1 << 30
@@ -88,22 +89,23 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
                            "weight_map": dict(sorted(weight_map.items()))})
         if theta0.config_location:
             staged.copy_in(theta0.config_location, "config.json")
-        staged.write_json(REPORT_NAME, _expand_report(staged, artefact, base, task, meta,
-                                                      time.perf_counter() - started))
+        staged.write_text(REPORT_NAME, _expand_report(staged, artefact, base, task, meta,
+                                                      time.perf_counter() - started).to_json())
         return staged.commit()
 
 
 def _expand_report(staged: StagedOutput, artefact: str, base: str, task: int,
-                   meta: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """A merge report for the rebuilt model: it makes the directory recognisable as ours (so
+                   meta: dict[str, Any], seconds: float) -> ExpandReport:
+    """A report for the rebuilt model: it makes the directory recognisable as ours (so
     --overwrite may replace it) and verifiable (`verify` checks every file it lists). Every
     file is read back here, so nothing is committed that was not written."""
     names = sorted(os.listdir(staged.path))
-    tensors = [describe_file(staged.file(n)) for n in names if n.endswith(".safetensors")]
-    small = [describe_file(staged.file(n)) for n in names
+    tensors = [FileRecord(**describe_file(staged.file(n))) for n in names
+               if n.endswith(".safetensors")]
+    small = [FileRecord(**describe_file(staged.file(n))) for n in names
              if n in ("model.safetensors.index.json", "config.json")]
-    return {"kind": "expand", "method": "tsv_c", "task": task, "output": "model",
-            "num_tasks": meta["num_tasks"], "outputs": tensors, "metadata_files": small,
-            "inputs": {"base": {"location": base}, "artefact": {"location": artefact}},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "timings_s": {"total": round(seconds, 4)}}
+    return ExpandReport(method=meta.get("method", "tsv_c"), task=task,
+                        num_tasks=meta["num_tasks"], outputs=tensors, metadata_files=small,
+                        inputs={"base": {"location": base}, "artefact": {"location": artefact}},
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        timings_s={"total": round(seconds, 4)})

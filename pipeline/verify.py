@@ -10,32 +10,14 @@ not run (an unreachable base) is reported as not done, never as passed.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .checkpoints.output import REPORT_NAME
 from .checkpoints.reader import open_checkpoint
 from .checkpoints.scan import describe_file, scan_file
 from .errors import InputError, PipelineError
-
-
-class _FileEntry(BaseModel):
-    name: str
-    size: int
-    sha256: str
-
-
-class _ReportView(BaseModel):
-    """The part of a merge report that verify relies on; other fields are not its business."""
-
-    model_config = ConfigDict(extra="ignore")
-    output: str
-    outputs: list[_FileEntry]
-    metadata_files: list[_FileEntry] | None = None
-    base_location: str | None = None
+from .records import OutputListing
 
 
 @dataclass
@@ -78,22 +60,18 @@ def verify_output(directory: str) -> Verification:
     return result
 
 
-def _read_report(path: str, result: Verification) -> _ReportView | None:
+def _read_report(path: str, result: Verification) -> OutputListing | None:
     try:
         with open(path, "rb") as f:
-            raw = json.load(f)
-        base = raw.get("inputs", {}).get("base", {}).get("location") if isinstance(
-            raw, dict) else None
-        return _ReportView.model_validate({**raw, "base_location": base})
-    except (ValueError, TypeError) as exc:  # JSONDecodeError and ValidationError are ValueErrors
-        what = "not valid JSON" if not isinstance(exc, ValidationError) else "malformed"
-        result.problems.append(f"{path}: {what} ({str(exc).splitlines()[0]})")
+            return OutputListing.from_json(f.read(), path)
+    except InputError as exc:  # a damaged report is a damaged output
+        result.problems.append(str(exc))
     except OSError as exc:
         result.problems.append(f"{path}: unreadable ({exc.strerror or exc})")
     return None
 
 
-def _check_tensor_files(directory: str, report: _ReportView, result: Verification) -> None:
+def _check_tensor_files(directory: str, report: OutputListing, result: Verification) -> None:
     for entry in report.outputs:
         path = os.path.join(directory, entry.name)
         try:
@@ -112,7 +90,8 @@ def _check_tensor_files(directory: str, report: _ReportView, result: Verificatio
                           f"finite values")
 
 
-def _check_metadata_files(directory: str, report: _ReportView, result: Verification) -> None:
+def _check_metadata_files(directory: str, report: OutputListing, result: Verification
+                          ) -> None:
     if report.metadata_files is None:  # written before reports listed them
         result.not_checked.append("index/config.json bytes (the report predates their "
                                   "checksums)")

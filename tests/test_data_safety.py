@@ -133,8 +133,8 @@ def test_an_output_that_appears_during_the_run_is_never_replaced(inputs):
     assert len(staging) == 1  # this run's work is kept for --resume
     # The user decides: replace the rival with this merge's kept files, no recompute.
     report = run_merge(mine.model_copy(update={"overwrite": True, "resume": True}))
-    assert report["method"] == "iso_cts" and len(report["resumed_files"]) == len(
-        report["outputs"])
+    assert report.method == "iso_cts" and len(report.resumed_files) == len(
+        report.outputs)
     assert main(["verify", out]) == 0
 
 
@@ -384,15 +384,15 @@ def test_fp32_base_with_bf16_finetunes_merges(tmp_path):
     tasks = [_model(tmp_path / f"t{i}", i, torch.bfloat16) for i in (1, 2)]
     report = run_merge(MergeConfig(base=base, finetuned=tasks, method="iso_cts", alpha=1.0,
                                    out=str(tmp_path / "out"), engine="local"))
-    assert report["dtypes"]["inputs"] == {base: ["F32"], tasks[0]: ["BF16"], tasks[1]: ["BF16"]}
-    assert report["dtypes"]["compute"] == "F32" and report["dtypes"]["output"] == ["F32", "I64"]
+    assert report.dtypes.inputs == {base: ["F32"], tasks[0]: ["BF16"], tasks[1]: ["BF16"]}
+    assert report.dtypes.compute == "F32" and report.dtypes.output == ["F32", "I64"]
     with open_checkpoint(str(tmp_path / "out")) as merged:
         assert merged.read("enc.layers.0.fc.weight").dtype == torch.float32
         assert merged.read("enc.steps").dtype == torch.int64
     report = run_merge(MergeConfig(base=base, finetuned=tasks, method="iso_cts", alpha=1.0,
                                    out=str(tmp_path / "bf16"), engine="local",
                                    output_dtype="bfloat16"))
-    assert report["dtypes"]["output"] == ["BF16", "I64"]
+    assert report.dtypes.output == ["BF16", "I64"]
     with open_checkpoint(str(tmp_path / "bf16")) as merged:
         assert merged.read("enc.layers.0.fc.weight").dtype == torch.bfloat16
         assert merged.read("enc.steps").dtype == torch.int64
@@ -415,7 +415,7 @@ def test_mixed_dtypes_merge_like_the_upcast_inputs(tmp_path):
                               out=str(tmp_path / "a"), engine="local"))
     b = run_merge(MergeConfig(base=base, finetuned=upcast, method="tsv_m", alpha=1.0,
                               out=str(tmp_path / "b"), engine="local"))
-    assert [f["sha256"] for f in a["outputs"]] == [f["sha256"] for f in b["outputs"]]
+    assert [f.sha256 for f in a.outputs] == [f.sha256 for f in b.outputs]
 
 
 def test_float_against_integer_is_still_refused(tmp_path, capsys):
@@ -455,6 +455,6 @@ def test_auto_engine_merges_small_models_in_process_and_says_why(inputs, capsys)
     tmp, base, tasks = inputs
     report = run_merge(MergeConfig(base=base, finetuned=tasks, method="iso_c", alpha=1.0,
                                    out=str(tmp / "out")))
-    assert report["engine"]["kind"] == "local"
-    assert report["engine"]["chosen"].startswith("auto: small merge")
-    assert "executor_start" in report["timings_s"]
+    assert report.engine.kind == "local"
+    assert report.engine.chosen.startswith("auto: small merge")
+    assert "executor_start" in report.timings_s

@@ -51,7 +51,7 @@ def test_ray_matches_in_process_at_any_worker_count(method, tiny_example, ray_cl
     for workers in (1, 2, 3):
         out = tmp_path / f"ray{workers}"
         report = merge(tiny_example, out, method, executor=RayExecutor(workers=workers))
-        assert report["engine"]["workers"] == workers
+        assert report.engine.workers == workers
         assert output_bytes(out) == expected, f"{method}: {workers} workers differ"
 
 
@@ -80,7 +80,7 @@ def test_sharded_ties_equals_whole_model_ties(tiny_example, ray_cluster, tmp_pat
         assert sorted(merged.keys()) == sorted(expected)
         for key, tensor in expected.items():
             assert torch.equal(merged.read(key), tensor), key
-    assert len(report["statistics"]["thresholds"]) == len(tuned_paths)
+    assert len(report.statistics["thresholds"]) == len(tuned_paths)
 
 
 def test_two_node_cluster_merges_and_writes(tiny_example, tmp_path):
@@ -103,7 +103,7 @@ def test_two_node_cluster_merges_and_writes(tiny_example, tmp_path):
         ray.shutdown()
         cluster.shutdown()
     assert output_bytes(tmp_path / "two") == output_bytes(tmp_path / "local")
-    assert report["engine"]["workers"] == 2
+    assert report.engine.workers == 2
 
 
 @pytest.mark.parametrize("kind", ["raise", "exit"])
@@ -119,7 +119,7 @@ def test_failed_shard_is_retried_and_output_identical(kind, tiny_example, ray_cl
     assert marker.exists(), "the fault never fired"
     assert output_bytes(tmp_path / "faulty") == output_bytes(tmp_path / "clean")
     assert not [p for p in os.listdir(tmp_path / "faulty") if ".partial-" in p]
-    assert report["method"] == "iso_cts"
+    assert report.method == "iso_cts"
 
 
 def test_injected_fault_without_retry_leaves_no_output(tiny_example, tmp_path):
@@ -171,15 +171,15 @@ def test_driver_receives_only_manifests(method, tiny_example, tmp_path):
 
 def test_report_has_engine_section(tiny_example, ray_cluster, tmp_path):
     report = merge(tiny_example, tmp_path / "m", "tsv_m", executor=RayExecutor(workers=2))
-    engine = report["engine"]
-    assert engine["kind"] == "ray" and engine["workers"] == 2 and engine["ray_version"]
-    assert engine["shards"] and all(s["seconds"]["total"] > 0 for s in engine["shards"])
-    assert sum(len(s["files"]) for s in engine["shards"]) == len(report["outputs"])
-    assert report["numerics"]["svd_calls"] > 0
-    assert engine["peak_worker_rss_bytes"] == max(s["peak_rss_bytes"] for s in engine["shards"])
+    engine = report.engine
+    assert engine.kind == "ray" and engine.workers == 2 and engine.ray_version
+    assert engine.shards and all(s.seconds.total > 0 for s in engine.shards)
+    assert sum(len(s.files) for s in engine.shards) == len(report.outputs)
+    assert report.numerics.svd_calls > 0
+    assert engine.peak_worker_rss_bytes == max(s.peak_rss_bytes for s in engine.shards)
     with open_checkpoint(tiny_example[0]) as base:
         sizes = [base.read(key).numel() for key in base.keys()]
-    assert report["model"] == {"tensors": len(sizes), "parameters": sum(sizes)}
+    assert report.model.model_dump() == {"tensors": len(sizes), "parameters": sum(sizes)}
 
 
 def test_threads_are_fixed_per_task_for_determinism(tiny_example, tmp_path):
@@ -187,7 +187,7 @@ def test_threads_are_fixed_per_task_for_determinism(tiny_example, tmp_path):
     and the same thread count always gives the same bits."""
     a = merge(tiny_example, tmp_path / "a", "iso_cts", threads=2)
     merge(tiny_example, tmp_path / "b", "iso_cts", threads=2)
-    assert a["options"]["threads"] == 2
+    assert a.options["threads"] == 2
     assert output_bytes(tmp_path / "a") == output_bytes(tmp_path / "b")
 
 
@@ -227,8 +227,8 @@ def test_resume_reuses_verified_files_and_gives_identical_output(method, tiny_ex
         f.seek(-4, 2)
         f.write(b"\0\0\0\1")
     report = merge(tiny_example, out, method, resume=True)
-    assert len(report["resumed_files"]) == 1
-    assert finished[0] not in report["resumed_files"]
+    assert len(report.resumed_files) == 1
+    assert finished[0] not in report.resumed_files
     assert output_bytes(out) == output_bytes(tmp_path / "clean")
     assert not [p for p in os.listdir(tmp_path) if ".merge-staging-" in p]
     assert not [p for p in os.listdir(out) if p.startswith(".")]
@@ -242,7 +242,7 @@ def test_a_new_run_cleans_the_stale_staging_of_the_same_merge(tiny_example, tmp_
                   executor=_InterruptAfter(2))
     assert [p for p in os.listdir(tmp_path) if ".merge-staging-" in p]
     report = merge(tiny_example, tmp_path / "out", "iso_c")
-    assert report["resumed_files"] == []
+    assert report.resumed_files == []
     assert os.listdir(tmp_path) == ["out"]
 
 
@@ -284,7 +284,7 @@ def test_resume_never_reuses_files_when_an_input_changed(tiny_example, tmp_path)
     os.remove(base / "model.safetensors")
     write_safetensors(str(base / "model.safetensors"), weights)
     report = merge(example, tmp_path / "out", "iso_c", resume=True)
-    assert report["resumed_files"] == []
+    assert report.resumed_files == []
     assert sorted(os.listdir(tmp_path)) == ["base", "out"]
 
 

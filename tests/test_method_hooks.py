@@ -74,7 +74,7 @@ def test_a_method_registered_outside_the_package_merges_bit_identically(
         report = run_merge(MergeConfig(base=base, finetuned=list(tuned), method="dare_ties_test",
                                        output="task_vector", params={"seed": 3}, out=str(out)),
                            executor=RayExecutor(workers=workers))
-        assert report["engine"]["workers"] == workers
+        assert report.engine.workers == workers
         outputs[workers] = {n: (out / n).read_bytes() for n in sorted(os.listdir(out))
                             if n.endswith(".safetensors")}
     assert outputs[1] == outputs[3]
@@ -82,9 +82,9 @@ def test_a_method_registered_outside_the_package_merges_bit_identically(
     # The statistics hook's thresholds are the whole-model kthvalue, and every key was
     # dropped with its own seed: equal to the computation done here in one process.
     _, task_vectors = _task_vectors(base, tuned)
-    thresholds = torch.tensor(report["statistics"]["thresholds"])
+    thresholds = torch.tensor(report.statistics["thresholds"])
     assert torch.equal(thresholds, reference_thresholds(task_vectors, 20.0))
-    sign = report["statistics"]["majority_sign"]
+    sign = report.statistics["majority_sign"]
     with open_checkpoint(str(tmp_path / "w3")) as merged:
         for key in ("vision_model.encoder.layers.0.mlp.fc1.weight",
                     "vision_model.post_layernorm.bias"):

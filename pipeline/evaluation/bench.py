@@ -129,9 +129,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                   executor=executor)
         timings[f"merge_{method.name}"] = time.perf_counter() - t0
         merges[method.name] = {
-            "params": report["params"], "seconds": timings[f"merge_{method.name}"],
-            "model_parameters": report["model"]["parameters"],
-            "peak_rss_bytes": report["engine"]["peak_worker_rss_bytes"]}
+            "params": report.params, "seconds": timings[f"merge_{method.name}"],
+            "model_parameters": report.model.parameters,
+            "peak_rss_bytes": report.engine.peak_worker_rss_bytes}
     pool = EvaluationPool(base, data, options.engine, options.workers, options.device,
                           address=options.address)
     try:
