@@ -130,7 +130,7 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
             log(format_table(summary))
             rows += bench_rows(ctx, summary)
             cells.append({"cell": label, "out": out,
-                          "total_seconds": summary["timings_s"]["total"]})
+                          "total_seconds": summary.timings_s["total"]})
     history_file = append_run(config.history, rows) if rows else None
     history = read_history(config.history)
     regressions = (detect_regressions(history, ctx.run_id, config.thresholds)

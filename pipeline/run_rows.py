@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .evaluation.bench import BenchSummary
 from .records import MergeReport
 from .results import MEAN, git_commit, hardware, new_run_id, params_json
 
@@ -45,22 +46,22 @@ def _accuracy_rows(ctx: RunContext, common: dict[str, Any], test: dict[str, floa
     return rows
 
 
-def bench_rows(ctx: RunContext, summary: dict[str, Any]) -> list[dict[str, Any]]:
+def bench_rows(ctx: RunContext, summary: BenchSummary) -> list[dict[str, Any]]:
     """Every method's (and the zero-shot and fine-tuned references') test accuracy, with the
     method's merge and sweep times."""
-    model = os.path.basename(os.path.normpath(summary["suite_dir"]))
-    finetuned = {t: v["absolute"] for t, v in summary["rows"]["finetuned"]["per_task"].items()}
+    model = os.path.basename(os.path.normpath(summary.suite_dir))
+    finetuned = {t: v.absolute for t, v in summary.rows["finetuned"].per_task.items()}
     rows = []
-    for method, row in summary["rows"].items():
-        merge = summary.get("merges", {}).get(method, {})
-        common = {"method": method, "params": params_json(merge.get("params")),
-                  "suite": summary["suite"], "model": model,
-                  "model_params": merge.get("model_parameters"),
-                  "num_tasks": summary["num_tasks"], "alpha": row["alpha"], "split": "test",
-                  "merge_seconds": merge.get("seconds"),
-                  "eval_seconds": summary["timings_s"].get(f"sweep_{method}"),
-                  "peak_memory_bytes": merge.get("peak_rss_bytes")}
-        test = {t: v["absolute"] for t, v in row["per_task"].items()}
+    for method, row in summary.rows.items():
+        merge = summary.merges.get(method)
+        common = {"method": method, "params": params_json(merge.params if merge else None),
+                  "suite": summary.suite, "model": model,
+                  "model_params": merge.model_parameters if merge else None,
+                  "num_tasks": summary.num_tasks, "alpha": row.alpha, "split": "test",
+                  "merge_seconds": merge.seconds if merge else None,
+                  "eval_seconds": summary.timings_s.get(f"sweep_{method}"),
+                  "peak_memory_bytes": merge.peak_rss_bytes if merge else None}
+        test = {t: v.absolute for t, v in row.per_task.items()}
         rows += _accuracy_rows(ctx, common, test, finetuned)
     return rows
 

@@ -235,23 +235,23 @@ def test_merged_accuracy_lies_between_zero_shot_and_finetuned(tiny_suite, tmp_pa
     summary = run_bench(BenchOptions(suite=path, methods=("task_arithmetic", "tsv_m"),
                                      out=str(tmp_path / "bench"), engine="local"),
                         log=lambda *_: None)
-    rows = summary["rows"]
+    rows = summary.rows
     n_test = min(json.loads(open(os.path.join(path, "suite.json")).read())["tasks"][i]
                  ["examples"]["test"] for i in range(4))
     # Two binomial standard errors of a mean over T tasks: the noise the bounds allow.
-    noise = 2 * math.sqrt(0.25 / (n_test * len(summary["tasks"])))
-    zero, ft = rows["zero_shot"]["absolute"], rows["finetuned"]["absolute"]
+    noise = 2 * math.sqrt(0.25 / (n_test * len(summary.tasks)))
+    zero, ft = rows["zero_shot"].absolute, rows["finetuned"].absolute
     assert ft > zero + 4 * noise, "fine-tuning must clearly beat zero-shot on the suite"
     for method in ("task_arithmetic", "tsv_m"):
-        assert zero - noise <= rows[method]["absolute"] <= ft + noise, method
-        assert rows[method]["alpha"] is not None
+        assert zero - noise <= rows[method].absolute <= ft + noise, method
+        assert rows[method].alpha is not None
     for name in ("summary.json", "summary.parquet", "summary.md"):
         assert os.path.isfile(tmp_path / "bench" / name)
     import pyarrow.parquet as pq
     table = pq.read_table(tmp_path / "bench" / "summary.parquet").to_pylist()
     means = {r["method"]: r["normalized"] for r in table if r["task"] == "mean"}
     assert means["finetuned"] == pytest.approx(1.0)
-    assert means["tsv_m"] == pytest.approx(rows["tsv_m"]["normalized"])
+    assert means["tsv_m"] == pytest.approx(rows["tsv_m"].normalized)
 
 
 def test_cli_evaluate_sweep_and_bench(tiny_suite, tmp_path, capsys):

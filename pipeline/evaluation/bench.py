@@ -16,12 +16,14 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
 from ..checkpoints.output import write_file_atomic, write_json_atomic
 from ..config import MergeConfig
 from ..engine import library_versions, run_merge
 from ..errors import InputError
 from ..methods.registry import get_method
+from ..records import REPORT_SCHEMA_VERSION
 from ..suites.build import ensure_suite
 from .data import TaskData, load_task
 from .pool import EvaluationPool
@@ -30,6 +32,51 @@ from .weights import Weights
 
 # TSV-C is a compression method (one rebuilt model per task), not a merge: not in the table.
 DEFAULT_METHODS = ("average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
+
+
+class TaskScore(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    absolute: float
+    normalized: float
+
+
+class MethodRow(BaseModel):
+    """One line of the benchmark table: a method (or a reference) at its chosen alpha."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alpha: float | None
+    absolute: float
+    normalized: float
+    per_task: dict[str, TaskScore]
+
+
+class MergeCost(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    params: dict[str, Any]
+    seconds: float
+    model_parameters: int
+    peak_rss_bytes: int | None
+
+
+class BenchSummary(BaseModel):
+    """`summary.json`: the benchmark's rows, sweeps and costs (read by history and nightly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = REPORT_SCHEMA_VERSION
+    suite: str
+    suite_dir: str
+    tasks: list[str]
+    num_tasks: int
+    rows: dict[str, MethodRow]
+    sweeps: dict[str, list[dict[str, Any]]]
+    merges: dict[str, MergeCost]
+    evaluation: dict[str, Any]
+    early_stop: bool
+    timings_s: dict[str, float]
+    versions: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
 @dataclass
@@ -95,7 +142,7 @@ def sweep_task_vector(pool: EvaluationPool, task_vector: str, tasks: Sequence[st
             "stopped_early": search.stopped_early}
 
 
-def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchSummary:
     t_start = time.perf_counter()
     methods = [get_method(m) for m in options.methods]  # unknown names fail before any work
     for m in methods:
@@ -128,10 +175,10 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                               params=options.params.get(method.name, {})),
                   executor=executor)
         timings[f"merge_{method.name}"] = time.perf_counter() - t0
-        merges[method.name] = {
-            "params": report.params, "seconds": timings[f"merge_{method.name}"],
-            "model_parameters": report.model.parameters,
-            "peak_rss_bytes": report.engine.peak_worker_rss_bytes}
+        merges[method.name] = MergeCost(params=report.params,
+                                        seconds=timings[f"merge_{method.name}"],
+                                        model_parameters=report.model.parameters,
+                                        peak_rss_bytes=report.engine.peak_worker_rss_bytes)
     pool = EvaluationPool(base, data, options.engine, options.workers, options.device,
                           address=options.address)
     try:
@@ -150,59 +197,58 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
             sweeps[method.name] = result["sweep"]
             timings[f"sweep_{method.name}"] = time.perf_counter() - t0
             log(f"  {method.name}: alpha={result['alpha']:g}  "
-                f"normalized {100 * rows[method.name]['normalized']:.1f}%  "
-                f"absolute {100 * rows[method.name]['absolute']:.1f}%  "
+                f"normalized {100 * rows[method.name].normalized:.1f}%  "
+                f"absolute {100 * rows[method.name].absolute:.1f}%  "
                 f"(merge {timings[f'merge_{method.name}']:.0f} s, "
                 f"sweep {timings[f'sweep_{method.name}']:.0f} s)")
     finally:
         pool.close()
     timings["total"] = time.perf_counter() - t_start
-    summary = {"suite": options.suite, "suite_dir": suite_dir, "tasks": tasks,
-               "num_tasks": len(tasks), "rows": rows, "sweeps": sweeps, "merges": merges,
-               "evaluation": pool.describe(), "early_stop": options.early_stop,
-               "timings_s": timings, "versions": library_versions()}
+    summary = BenchSummary(suite=options.suite, suite_dir=suite_dir, tasks=tasks,
+                           num_tasks=len(tasks), rows=rows, sweeps=sweeps, merges=merges,
+                           evaluation=pool.describe(), early_stop=options.early_stop,
+                           timings_s=timings, versions=library_versions())
     write_results(options.out, summary)
     return summary
 
 
-def _row(test: dict[str, float], ft_test: dict[str, float], alpha: float | None
-         ) -> dict[str, Any]:
-    return {"alpha": alpha, "absolute": absolute(test), "normalized": normalized(test, ft_test),
-            "per_task": {t: {"absolute": a, "normalized": a / ft_test[t]}
-                         for t, a in test.items()}}
+def _row(test: dict[str, float], ft_test: dict[str, float], alpha: float | None) -> MethodRow:
+    return MethodRow(alpha=alpha, absolute=absolute(test), normalized=normalized(test, ft_test),
+                     per_task={t: TaskScore(absolute=a, normalized=a / ft_test[t])
+                               for t, a in test.items()})
 
 
-def summary_table(summary: dict[str, Any]) -> pa.Table:
+def summary_table(summary: BenchSummary) -> pa.Table:
     """One row per (method, task) plus each method's mean row (task = "mean")."""
     cols: dict[str, list] = {k: [] for k in ("suite", "num_tasks", "method", "alpha", "task",
                                              "absolute", "normalized")}
-    for method, row in summary["rows"].items():
-        entries = [(t, v["absolute"], v["normalized"]) for t, v in row["per_task"].items()]
-        entries.append(("mean", row["absolute"], row["normalized"]))
+    for method, row in summary.rows.items():
+        entries = [(t, v.absolute, v.normalized) for t, v in row.per_task.items()]
+        entries.append(("mean", row.absolute, row.normalized))
         for task, acc, norm in entries:
-            for k, v in zip(cols, (summary["suite"], summary["num_tasks"], method,
-                                   row["alpha"], task, acc, norm)):
+            for k, v in zip(cols, (summary.suite, summary.num_tasks, method, row.alpha, task,
+                                   acc, norm)):
                 cols[k].append(v)
     return pa.table(cols)
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: BenchSummary) -> str:
     """Markdown: one line per method, accuracy per task (absolute / normalised, %)."""
-    tasks = summary["tasks"]
-    head = ["method", "alpha", "abs", "norm"] + tasks
+    head = ["method", "alpha", "abs", "norm"] + summary.tasks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, row in summary["rows"].items():
-        alpha = "-" if row["alpha"] is None else f"{row['alpha']:.3g}"
-        cells = [method, alpha, f"{100 * row['absolute']:.1f}", f"{100 * row['normalized']:.1f}"]
-        cells += [f"{100 * row['per_task'][t]['absolute']:.1f} / "
-                  f"{100 * row['per_task'][t]['normalized']:.0f}" for t in tasks]
+    for method, row in summary.rows.items():
+        alpha = "-" if row.alpha is None else f"{row.alpha:.3g}"
+        cells = [method, alpha, f"{100 * row.absolute:.1f}", f"{100 * row.normalized:.1f}"]
+        cells += [f"{100 * row.per_task[t].absolute:.1f} / "
+                  f"{100 * row.per_task[t].normalized:.0f}" for t in summary.tasks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(out: str, summary: dict[str, Any]) -> None:
+def write_results(out: str, summary: BenchSummary) -> None:
     os.makedirs(out, exist_ok=True)
-    write_json_atomic(os.path.join(out, "summary.json"), summary)
+    text = summary.to_json()
+    write_file_atomic(os.path.join(out, "summary.json"), lambda fh: fh.write(text.encode()))
     write_file_atomic(os.path.join(out, "summary.parquet"),
                       lambda fh: pq.write_table(summary_table(summary), fh))
     table = format_table(summary) + "\n"

@@ -191,7 +191,7 @@ def cmd_bench(args) -> int:
         early_stop=args.early_stop, cache=args.cache, overwrite=args.overwrite, params=params))
     print(format_table(summary))
     print(f"wrote {args.out}/summary.json, summary.parquet, summary.md "
-          f"({summary['timings_s']['total']:.0f} s)")
+          f"({summary.timings_s['total']:.0f} s)")
     from ..run_rows import bench_rows
     record(args.history, "bench", lambda ctx: bench_rows(ctx, summary))
     return 0
