@@ -15,7 +15,7 @@ import contextlib
 import math
 import re
 import typing
-from typing import Annotated, Any, Iterator, Literal, Mapping
+from typing import Annotated, Any, Iterator, Literal, Mapping, TypeVar
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
@@ -51,10 +51,35 @@ def _flag(metavar: str | None = None, flag: str | None = None, group: str = "mer
     return {"metavar": metavar, "flag": flag, "group": group, "negate": negate}
 
 
-class MergeConfig(BaseModel):
-    """Every option of one merge. Field descriptions are the CLI's help texts."""
+class ClusterOptions(BaseModel):
+    """Where work runs: declared once, shared by merge, evaluate, sweep, bench and nightly."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    engine: Literal["auto", "ray", "local"] = Field(
+        "auto", description="ray, local (in-process), or auto: a merge runs on Ray when "
+                            "--address is given or it is large, in-process when small; "
+                            "evaluation runs on Ray actors",
+        json_schema_extra=_flag(group="cluster"))
+    address: str | None = Field(None, description="Ray cluster to join (auto, HOST:PORT, "
+                                                  "ray://HOST:10001); default: an embedded "
+                                                  "local cluster",
+                                json_schema_extra=_flag("ADDRESS", group="cluster"))
+    workers: WholeNumber | None = Field(None, ge=1, description="parallel shards or evaluators "
+                                                               "(default: what the cluster "
+                                                               "offers)",
+                                        json_schema_extra=_flag("N", group="cluster"))
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the math runs", json_schema_extra=_flag(group="cluster"))
+
+    @property
+    def actor_engine(self) -> Literal["ray", "local"]:
+        """Evaluation and suite building: Ray actors unless in-process was asked for."""
+        return "local" if self.engine == "local" else "ray"
+
+
+class MergeConfig(ClusterOptions):
+    """Every option of one merge. Field descriptions are the CLI's help texts."""
 
     base: str = Field(description="pre-trained checkpoint: HF model directory, .safetensors, "
                                   ".pt/.pth/.bin, or a pyarrow.fs URI",
@@ -109,22 +134,9 @@ class MergeConfig(BaseModel):
                                                       "workers still refuse non-finite tensors",
                                     json_schema_extra=_flag(flag="--no-input-scan",
                                                             negate=True))
-    engine: Literal["auto", "ray", "local"] = Field(
-        "auto", description="ray, local (in-process), or auto: Ray when --address is given or "
-                            "the merge is large, in-process for small merges",
-        json_schema_extra=_flag(group="cluster"))
-    address: str | None = Field(None, description="Ray cluster to join (auto, HOST:PORT, "
-                                                  "ray://HOST:10001); default: an embedded "
-                                                  "local cluster",
-                                json_schema_extra=_flag("ADDRESS", group="cluster"))
-    workers: WholeNumber | None = Field(None, ge=1, description="parallel shards (default: what "
-                                                               "the cluster offers)",
-                                        json_schema_extra=_flag("N", group="cluster"))
     threads: WholeNumber = Field(1, ge=1, description="math threads per worker, fixed so the "
                                                       "bits never depend on the worker count",
                                  json_schema_extra=_flag("N", group="cluster"))
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the math runs", json_schema_extra=_flag(group="cluster"))
     gpus_per_task: Number = Field(1.0, gt=0, description="GPU share per shard task when GPUs "
                                                         "are used (0.5 packs two per GPU)",
                                   json_schema_extra=_flag("G", group="cluster"))
@@ -241,20 +253,22 @@ def _field_kind(annotation: Any) -> tuple[str, tuple[str, ...]]:
     return "value", ()
 
 
+GROUP_TITLES = {"merge": "merge options", "cluster": "cluster options"}
+
+
 def add_options(parser: argparse.ArgumentParser, model: type[BaseModel] = MergeConfig) -> None:
     """One flag per field of `model`, help text and choices from the field itself.
 
     Flags carry strings (or True/False for switches) and default to None meaning "not given";
     conversion and checks are the model's, so flags and YAML are validated by the same code.
     """
-    groups: dict[str, Any] = {}
+    used = {(f.json_schema_extra or {}).get("group") for f in model.model_fields.values()}  # type: ignore[union-attr]
+    groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()
+              if name in used}
     for name, field in model.model_fields.items():
         facts = field.json_schema_extra or {}
         assert isinstance(facts, dict)
-        group = groups.get(facts["group"])
-        if group is None:
-            title = {"merge": "merge options", "cluster": "cluster options"}[facts["group"]]
-            group = groups[facts["group"]] = parser.add_argument_group(title)
+        group = groups[facts["group"]]
         flag = facts.get("flag") or "--" + name.replace("_", "-")
         kind, choices = _field_kind(field.annotation)
         help_text = field.description or ""
@@ -285,16 +299,25 @@ def load_merge_config(config_path: str | None, flags: Mapping[str, Any]) -> Merg
         file_params = file_values.get("params") or {}
         if isinstance(file_params, dict):
             given["params"] = {**file_params, **flag_params}
-    return build_config(file_values, given, config_path)
+    return build_config(MergeConfig, file_values, given, config_path)
 
 
-def build_config(file_values: Mapping[str, Any], flags: Mapping[str, Any],
-                 source: str | None = None) -> MergeConfig:
+def cluster_options(flags: Mapping[str, Any]) -> ClusterOptions:
+    """The cluster options among parsed flags, validated like every other option."""
+    given = {k: v for k, v in flags.items() if v is not None and k in ClusterOptions.model_fields}
+    return build_config(ClusterOptions, {}, given)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def build_config(model: type[Model], file_values: Mapping[str, Any], flags: Mapping[str, Any],
+                 source: str | None = None) -> Model:
     values = {**file_values, **flags}
     try:
-        return MergeConfig(**values)
+        return model(**values)
     except ValidationError as exc:
-        raise InputError(_one_line(exc, flags, source)) from None
+        raise InputError(_one_line(exc, model, flags, source)) from None
 
 
 _REASONS = {
@@ -309,7 +332,8 @@ _REASONS = {
 }
 
 
-def _one_line(exc: ValidationError, flags: Mapping[str, Any], source: str | None) -> str:
+def _one_line(exc: ValidationError, model: type[BaseModel], flags: Mapping[str, Any],
+              source: str | None) -> str:
     """The first validation problem as one line: where, which field, which value, why."""
     errors = exc.errors()
     error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
@@ -323,7 +347,7 @@ def _one_line(exc: ValidationError, flags: Mapping[str, Any], source: str | None
         reason = str(error["msg"]).removeprefix("Value error, ").replace("Input should be",
                                                                          "must be")
     if error["type"] == "extra_forbidden":
-        known = ", ".join(MergeConfig.model_fields)
+        known = ", ".join(model.model_fields)
         return f"{where}: unknown option (known: {known})"
     if error["type"] == "missing":
         return f"{where}: {reason}"

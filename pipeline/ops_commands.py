@@ -6,10 +6,17 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from .config import ClusterOptions, add_options, cluster_options
+
 def add_history_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", help="append this run's results to the results history at "
                                      "this path or pyarrow.fs URI (a parquet dataset "
                                      "partitioned by date)")
+
+
+def add_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", help="where built suites are kept (default: "
+                                   "$MERGE_PIPELINE_CACHE or ~/.cache/merge-pipeline)")
 
 
 def record(history: str | None, kind: str, rows_for: Callable[[Any], list[dict]]) -> None:
@@ -33,11 +40,8 @@ def add_parsers(sub: Any) -> None:
     nightly.add_argument("--suites", help="comma-separated suite names or directories")
     nightly.add_argument("--tasks", help="comma-separated task counts")
     nightly.add_argument("--methods", help="comma-separated methods")
-    nightly.add_argument("--engine", choices=["ray", "local"])
-    nightly.add_argument("--workers", type=int)
-    nightly.add_argument("--address", help="Ray cluster to join; default: an embedded one")
-    nightly.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    nightly.add_argument("--cache", help="where built suites are kept")
+    add_options(nightly, ClusterOptions)
+    add_cache_option(nightly)
     nightly.set_defaults(func=cmd_nightly)
 
     report = sub.add_parser("report", help="write a self-contained HTML report of the history")
@@ -59,11 +63,15 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         tasks = _csv(args.tasks, int)
     except ValueError:
         raise InputError(f"--tasks must be comma-separated integers, got {args.tasks!r}") from None
+    cluster = cluster_options(vars(args))  # validated; only the flags given override the file
+    given = cluster.model_dump(include={k for k in ClusterOptions.model_fields
+                                        if getattr(args, k) is not None})
+    if "engine" in given:
+        given["engine"] = cluster.actor_engine
     config = load_nightly_config(
         args.config, history=args.history, report=args.report, work_dir=args.work_dir,
         suites=_csv(args.suites), task_counts=tasks, methods=_csv(args.methods),
-        engine=args.engine, workers=args.workers, address=args.address, device=args.device,
-        cache=args.cache)
+        cache=args.cache, **given)
     return run_nightly(config).exit_code
 
 

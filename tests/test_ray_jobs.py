@@ -56,7 +56,7 @@ def test_job_script_merges_through_embedded_ray(tiny_example, tmp_path):
     config.write_text(yaml.safe_dump({
         "base": base, "finetuned": list(tuned), "method": "iso_cts", "alpha": 1.0,
         "params": {"common_space_fraction": 0.75}, "out": str(tmp_path / "merged"),
-        "workers": 2, "fuse_qkv": True}))
+        "workers": 2, "fuse_qkv": True, "engine": "ray"}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["MERGE_PIPELINE_PROGRESS"] = "0"
     result = subprocess.run([sys.executable, os.path.join(REPO, "ray_jobs", "merge.py"),

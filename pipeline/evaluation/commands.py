@@ -7,19 +7,14 @@ import os
 import time
 from typing import Any
 
+from ..config import ClusterOptions, add_options, cluster_options
 from ..errors import InputError
-from ..ops_commands import add_history_option, record
+from ..ops_commands import add_cache_option, add_history_option, record
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=["ray", "local"], default="ray",
-                   help="ray actors (default) or one in-process evaluator")
-    p.add_argument("--workers", type=int, help="evaluators / merge workers (default: what Ray "
-                                               "offers: one per CPU, or per GPU)")
-    p.add_argument("--address", help="Ray cluster to join; default: an embedded local one")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--cache", help="where built suites are kept (default: $MERGE_PIPELINE_CACHE "
-                                   "or ~/.cache/merge-pipeline)")
+    add_options(p, ClusterOptions)
+    add_cache_option(p)
 
 
 def _add_recording_options(p: argparse.ArgumentParser) -> None:
@@ -79,30 +74,31 @@ def add_parsers(sub: Any) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
-def _executor(args):
-    if args.engine != "ray":
+def _executor(cluster: ClusterOptions):
+    if cluster.actor_engine != "ray":
         return None
     from ..executors import RayExecutor
-    return RayExecutor(args.address, args.workers, device=args.device)
+    return RayExecutor(cluster.address, cluster.workers, device=cluster.device)
 
 
-def _pool_for(args, suite_dir: str, tasks: list[str], splits: tuple[str, ...]):
+def _pool_for(cluster: ClusterOptions, suite_dir: str, tasks: list[str],
+              splits: tuple[str, ...]):
     from .data import load_task
     from .pool import EvaluationPool
     data = {t: load_task(os.path.join(suite_dir, "tasks"), t, splits) for t in tasks}
-    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, args.engine,
-                          args.workers, args.device, address=args.address)
+    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, cluster.actor_engine,
+                          cluster.workers, cluster.device, address=cluster.address)
 
 
-def _suite(args) -> tuple[str, list[str]]:
+def _suite(args, cluster: ClusterOptions) -> tuple[str, list[str]]:
     from ..suites.build import ensure_suite
     from .bench import suite_tasks
-    suite_dir = ensure_suite(args.suite, args.cache, _executor(args))
+    suite_dir = ensure_suite(args.suite, args.cache, _executor(cluster))
     return suite_dir, suite_tasks(suite_dir, args.tasks)
 
 
 def cmd_suite(args) -> int:
-    suite_dir, tasks = _suite(args)
+    suite_dir, tasks = _suite(args, cluster_options(vars(args)))
     print(suite_dir)
     print(f"tasks: {', '.join(tasks)}")
     return 0
@@ -112,13 +108,14 @@ def cmd_evaluate(args) -> int:
     from .bench import accuracies, reference_rows
     from .search import absolute, normalized
     from .weights import Weights
-    suite_dir, tasks = _suite(args)
+    cluster = cluster_options(vars(args))
     if args.model and args.task_vector:
         raise InputError("give --model or --task-vector (with --alpha), not both")
     weights = (Weights.model(args.model) if args.model else
                Weights.delta(args.task_vector, args.alpha) if args.task_vector else
                Weights.base())
-    pool = _pool_for(args, suite_dir, tasks, ("val", "test"))
+    suite_dir, tasks = _suite(args, cluster)
+    pool = _pool_for(cluster, suite_dir, tasks, ("val", "test"))
     t0 = time.perf_counter()
     try:
         acc = accuracies(pool, [weights], tasks, args.split, "evaluate")[0]
@@ -155,8 +152,9 @@ def cmd_sweep(args) -> int:
         grid = get_method(args.method).alpha_grid if args.method else SVD_ALPHA_GRID
         if not grid:
             raise InputError(f"method {args.method!r} fixes alpha; nothing to sweep")
-    suite_dir, tasks = _suite(args)
-    pool = _pool_for(args, suite_dir, tasks, ("val", "test"))
+    cluster = cluster_options(vars(args))
+    suite_dir, tasks = _suite(args, cluster)
+    pool = _pool_for(cluster, suite_dir, tasks, ("val", "test"))
     t0 = time.perf_counter()
     try:
         refs = reference_rows(pool, suite_dir, tasks)
@@ -185,9 +183,11 @@ def cmd_bench(args) -> int:
             raise InputError(f"--param must look like METHOD:NAME=VALUE, got {item!r}")
         params.setdefault(method, {}).update(parse_params([assignment]))
     methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
+    cluster = cluster_options(vars(args))
     summary = run_bench(BenchOptions(
-        suite=args.suite, tasks=args.tasks, methods=methods, out=args.out, engine=args.engine,
-        workers=args.workers, address=args.address, device=args.device,
+        suite=args.suite, tasks=args.tasks, methods=methods, out=args.out,
+        engine=cluster.actor_engine, workers=cluster.workers, address=cluster.address,
+        device=cluster.device,
         early_stop=args.early_stop, cache=args.cache, overwrite=args.overwrite, params=params))
     print(format_table(summary))
     print(f"wrote {args.out}/summary.json, summary.parquet, summary.md "
