@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoints.reader import open_checkpoint
 from .vit import ClipVisionTower, VisionConfig, pixels_from_uint8
-from .weights import Weights, aligned, load_state
+from .weights import Weights, aligned, load_state, parameters
 
 # Fixed evaluation batch: shards are whole batches, so a shard's logits never depend on which
 # worker (or how many) computed it.
@@ -50,7 +50,7 @@ class Evaluator:
         self.model = ClipVisionTower(config).to(self.device).eval()
         stored = read_tensors(base)
         load_state(self.model, stored, base)
-        self.params = dict(self.model.state_dict())
+        self.params = parameters(self.model)
         self.theta0 = {k: v.detach().clone() for k, v in self.params.items()}
         self.current = Weights.base()
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
@@ -102,7 +102,7 @@ class Evaluator:
         correct = 0
         for i in range(0, len(labels), EVAL_BATCH):
             x = pixels_from_uint8(torch.tensor(images[i:i + EVAL_BATCH]))
-            embeds = self.model(x.to(self.device))
+            embeds = self.model.embed(x.to(self.device))
             # Argmax of the cosine logits; the positive scale cannot change it.
             pred = (torch.nn.functional.normalize(embeds, dim=-1) @ head.T).argmax(-1).cpu()
             correct += int((pred == torch.tensor(labels[i:i + EVAL_BATCH]))

@@ -50,8 +50,14 @@ def aligned(params: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tenso
     return out
 
 
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds for `model`: its parameters (buffers such as
+    transformers' `position_ids` are derived, never stored)."""
+    return {name: param.data for name, param in model.named_parameters()}
+
+
 def load_state(model: torch.nn.Module, stored: Mapping[str, torch.Tensor], where: str) -> None:
-    params = model.state_dict()
+    params = parameters(model)
     with torch.no_grad():
         for key, value in aligned(params, stored, where).items():
             params[key].copy_(value)

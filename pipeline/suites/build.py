@@ -30,11 +30,12 @@ from ..checkpoints.output import StagedOutput, write_json_atomic
 from ..checkpoints.safetensors_io import write_safetensors
 from ..errors import InputError
 from ..evaluation.vit import ClipVisionTower, VisionConfig, init_clip_weights
+from ..evaluation.weights import parameters
 from . import training
 from .tasks import SPLITS, TASKS, make_split
 
 # Bump when the meaning of a spec changes (generators, training code), to invalidate caches.
-SUITE_FORMAT = 1
+SUITE_FORMAT = 2  # 2: built with transformers' CLIPVisionModelWithProjection
 # Training runs with fixed thread counts so that a build is reproducible on a machine:
 # pre-training in the driver, fine-tuning in one (parallel) job per task.
 PRETRAIN_THREADS = 2
@@ -120,9 +121,9 @@ def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
 
 def save_model(model: ClipVisionTower, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in parameters(model).items()}
     write_safetensors(os.path.join(directory, "model.safetensors"), state)
-    write_json_atomic(os.path.join(directory, "config.json"), model.config.to_hf_dict())
+    write_json_atomic(os.path.join(directory, "config.json"), model.vision_config.to_hf_dict())
 
 
 def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[str, Any]:

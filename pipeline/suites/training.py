@@ -61,7 +61,7 @@ def pretrain(model: ClipVisionTower, domains: list[np.ndarray], steps: int, batc
         target = torch.from_numpy(which * 4 + turns)
         for group in opt.param_groups:
             group["lr"] = _schedule(step, steps, lr)
-        loss = F.cross_entropy(probe(model(pixels_from_uint8(images))), target)
+        loss = F.cross_entropy(probe(model.embed(pixels_from_uint8(images))), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -74,7 +74,7 @@ def pretrain(model: ClipVisionTower, domains: list[np.ndarray], steps: int, batc
 @torch.inference_mode()
 def embed(model: ClipVisionTower, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     model.eval()
-    out = [model(pixels_from_uint8(torch.from_numpy(images[i:i + batch])))
+    out = [model.embed(pixels_from_uint8(torch.from_numpy(images[i:i + batch])))
            for i in range(0, len(images), batch)]
     return torch.cat(out)
 
@@ -103,7 +103,7 @@ def finetune(model: ClipVisionTower, head: torch.Tensor, logit_scale: float,
         x = pixels_from_uint8(torch.from_numpy(images[rows]))
         for group in opt.param_groups:
             group["lr"] = _schedule(step, steps, lr)
-        loss = F.cross_entropy(cosine_logits(model(x), head, logit_scale),
+        loss = F.cross_entropy(cosine_logits(model.embed(x), head, logit_scale),
                                torch.from_numpy(labels[rows]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
