@@ -66,8 +66,50 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
     """Merge as `config` says and return the merge report (also written to the output).
 
     Every check that needs no tensor bytes (options, output location, headers, free space,
-    the cluster) runs before the first tensor byte is read.
+    the cluster) runs before the first tensor byte is read: `_prepare` reads none.
     """
+    run = _prepare(config, executor)
+    inputs = None
+    if config.scan_inputs:  # before anything is written: a bad input leaves no trace
+        with run.clock("scan_inputs"):
+            inputs = _describe_inputs(run.executor, run.base, run.tuned)
+    with StagedOutput(config.out, overwrite=config.overwrite,
+                      run_key=_run_key(config, run.settings, inputs), resume=config.resume) as out:
+        reused = _verified_files(out.path, run.files) if out.resumed else {}
+        plan = ShardPlan(run.files, [f for f in run.files if f.name not in reused], run.base,
+                         run.tuned, run.settings, run.method, out.path, run.executor.workers)
+        statistics = _model_statistics(run.executor, plan, run.clock)
+        with run.clock("merge"):
+            shards, manifests = _run_shards(run.executor, plan, statistics, fault)
+        written = _write_index(out, run.settings.mode, run.files,
+                               [f for m in manifests for f in m.files] + list(reused.values()))
+        metadata_files = _write_metadata(out, run.settings.mode, config, run.specs,
+                                         run.settings, run.base)
+        run.clock.stop()
+        report = _report(run, inputs, statistics, written, metadata_files, shards, manifests,
+                         sorted(reused))
+        out.write_text(REPORT_NAME, report.to_json())
+        out.commit()
+    return report
+
+
+@dataclass
+class _Prepared:
+    """A merge ready to run: validated, planned, its executor started; no tensor read yet."""
+
+    config: MergeConfig
+    clock: Clock
+    method: MethodSpec
+    settings: MergeSettings
+    base: Checkpoint
+    tuned: list[Checkpoint]
+    specs: dict[str, Any]
+    files: list[PlannedFile]
+    executor: Any
+    engine_choice: str
+
+
+def _prepare(config: MergeConfig, executor) -> _Prepared:
     clock = Clock()
     method = get_method(config.method)
     params = method.resolve_params(config.params)
@@ -90,51 +132,46 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
                              exclude=tuple(config.exclude),
                              compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                              device=executor.device, threads=config.threads)
-    inputs = None
-    if config.scan_inputs:  # before anything is written: a bad input leaves no trace
-        with clock("scan_inputs"):
-            inputs = _describe_inputs(executor, base, tuned)
+    return _Prepared(config, clock, method, settings, base, tuned, specs, files, executor,
+                     engine_choice)
 
-    with StagedOutput(config.out, overwrite=config.overwrite,
-                      run_key=_run_key(config, settings, inputs), resume=config.resume) as out:
-        reused = _verified_files(out.path, files) if out.resumed else {}
-        plan = ShardPlan(files, [f for f in files if f.name not in reused], base, tuned, settings,
-                         method, out.path, executor.workers)
-        statistics = _model_statistics(executor, plan, clock)
-        with clock("merge"):
-            shards, manifests = _run_shards(executor, plan, statistics, fault)
-        written = _write_index(out, mode, files,
-                               [f for m in manifests for f in m.files] + list(reused.values()))
-        metadata_files = _write_metadata(out, mode, config, specs, settings, base)
-        clock.stop()
-        report = MergeReport(
-            run_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            method=method.name, params=params, alpha=alpha if mode == "model" else None,
-            alpha_grid=list(method.alpha_grid), output=mode, num_tasks=len(tuned),
-            options={"exclude": list(config.exclude), "compute_dtype": config.compute_dtype,
-                     "threads": config.threads, "fuse_qkv": config.fuse_qkv,
-                     "max_shard_size": config.max_shard_size},
-            statistics=statistics, inputs=inputs or _locations(config), outputs=written,
-            metadata_files=metadata_files,
-            model=ModelSize(tensors=len(specs),
-                            parameters=sum(math.prod(s.shape) for s in specs.values())),
-            versions=library_versions(),
-            timings_s={k: round(v, 4) for k, v in clock.seconds.items()},
-            engine=_engine_record(executor, engine_choice, shards, manifests),
-            numerics=NumericsRecord(
-                fallbacks=[e for m in manifests for e in m.numerics],
-                svd_seconds=round(sum(m.seconds.svd for m in manifests), 4),
-                svd_calls=sum(m.svd_calls for m in manifests)),
-            resumed_files=sorted(reused), dtypes=_dtypes(base, tuned, config, files))
-        out.write_text(REPORT_NAME, report.to_json())
-        out.commit()
-    return report
+
+def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str, Any],
+            written: list[OutputFile], metadata_files: list[FileRecord], shards: list[Shard],
+            manifests: list[ShardManifest], reused: list[str]) -> MergeReport:
+    config, settings = run.config, run.settings
+    return MergeReport(
+        run_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        method=run.method.name, params=settings.params,
+        alpha=settings.alpha if settings.mode == "model" else None,
+        alpha_grid=list(run.method.alpha_grid), output=settings.mode,
+        num_tasks=len(run.tuned), options=_options(config), statistics=statistics,
+        inputs=inputs or _locations(config), outputs=written, metadata_files=metadata_files,
+        model=ModelSize(tensors=len(run.specs),
+                        parameters=sum(math.prod(s.shape) for s in run.specs.values())),
+        versions=library_versions(),
+        timings_s={k: round(v, 4) for k, v in run.clock.seconds.items()},
+        engine=_engine_record(run.executor, run.engine_choice, shards, manifests),
+        numerics=_numerics(manifests), resumed_files=reused,
+        dtypes=_dtypes(run.base, run.tuned, config, run.files))
+
+
+def _options(config: MergeConfig) -> dict[str, Any]:
+    return {"exclude": list(config.exclude), "compute_dtype": config.compute_dtype,
+            "threads": config.threads, "fuse_qkv": config.fuse_qkv,
+            "max_shard_size": config.max_shard_size}
 
 
 def _locations(config: MergeConfig) -> dict[str, Any]:
     """The report's inputs when they were not scanned: where they were, no checksums."""
     return {"base": {"location": config.base},
             "finetuned": [{"location": p} for p in config.finetuned]}
+
+
+def _numerics(manifests: list[ShardManifest]) -> NumericsRecord:
+    return NumericsRecord(fallbacks=[e for m in manifests for e in m.numerics],
+                          svd_seconds=round(sum(m.seconds.svd for m in manifests), 4),
+                          svd_calls=sum(m.svd_calls for m in manifests))
 
 
 def _engine_record(executor, chosen: str, shards: list[Shard],

@@ -201,37 +201,9 @@ def render_report(history: pa.Table, thresholds: Thresholds,
                                  if latest_id else [])
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>merge-pipeline "
              f"nightly report</title><style>{STYLE}</style></head><body>",
-             "<h1>merge-pipeline: nightly benchmark report</h1>"]
-    if latest:
-        first = latest[0]
-        hw = json.loads(first["hardware"] or "{}")
-        parts.append(
-            f"<p class='meta'>latest run <b>{html.escape(latest_id)}</b> at "
-            f"{first['timestamp']:%Y-%m-%d %H:%M} UTC, commit "
-            f"{html.escape(first['git_commit'][:12])}, on {html.escape(str(hw.get('cpu', '?')))}"
-            f" ({hw.get('cpus', '?')} CPUs{', GPUs: ' + html.escape(', '.join(hw['gpus'])) if hw.get('gpus') else ''})."
-            f" History: {len({r['run_id'] for r in bench})} benchmark run(s), "
-            f"{len(rows)} rows.</p>")
-    else:
-        parts.append("<p class='meta'>No benchmark runs in the history yet.</p>")
-    parts.append("<h2>Regressions in the latest run</h2>")
-    if regressions_of_latest:
-        parts.append(f"<p class='alert'>{len(regressions_of_latest)} regression(s) crossed "
-                     f"the thresholds.</p>")
-        parts.append(_table(("metric", "suite", "T", "method", "task", "current", "baseline",
-                             "limit", "earlier runs"),
-                            [(r.metric, r.suite, r.num_tasks, r.method, r.task,
-                              _value(r.metric, r.current), _value(r.metric, r.baseline),
-                              _value(r.metric, r.limit), r.baseline_runs)
-                             for r in regressions_of_latest], css="bad"))
-    else:
-        parts.append("<p class='ok'>None: every measurement is within its threshold "
-                     "(or has no earlier run to compare with).</p>")
-    parts.append(f"<p class='meta'>Thresholds: mean normalized accuracy may drop "
-                 f"{thresholds.max_accuracy_drop:g} points, merge time may rise "
-                 f"{100 * thresholds.max_time_increase:g}% and at least "
-                 f"{thresholds.min_time_increase_s:g} s, against the median of the last "
-                 f"{thresholds.window} earlier runs.</p>")
+             "<h1>merge-pipeline: nightly benchmark report</h1>",
+             _run_summary(latest, bench, len(rows)),
+             *_regressions_section(regressions_of_latest, thresholds)]
     if failures:
         parts.append("<h2>Failed cells</h2>")
         parts.append(_table(("cell", "error"), [(f["cell"], f["error"]) for f in failures],
@@ -248,6 +220,43 @@ def render_report(history: pa.Table, thresholds: Thresholds,
         parts.append(_latest_summary(latest))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _run_summary(latest: list[dict], bench: list[dict], num_rows: int) -> str:
+    if not latest:
+        return "<p class='meta'>No benchmark runs in the history yet.</p>"
+    first = latest[0]
+    hw = json.loads(first["hardware"] or "{}")
+    gpus = ", GPUs: " + html.escape(", ".join(hw["gpus"])) if hw.get("gpus") else ""
+    return (f"<p class='meta'>latest run <b>{html.escape(first['run_id'])}</b> at "
+            f"{first['timestamp']:%Y-%m-%d %H:%M} UTC, commit "
+            f"{html.escape(first['git_commit'][:12])}, on {html.escape(str(hw.get('cpu', '?')))}"
+            f" ({hw.get('cpus', '?')} CPUs{gpus})."
+            f" History: {len({r['run_id'] for r in bench})} benchmark run(s), "
+            f"{num_rows} rows.</p>")
+
+
+def _regressions_section(regressions: Sequence[Regression], thresholds: Thresholds
+                         ) -> list[str]:
+    parts = ["<h2>Regressions in the latest run</h2>"]
+    if regressions:
+        parts.append(f"<p class='alert'>{len(regressions)} regression(s) crossed "
+                     f"the thresholds.</p>")
+        parts.append(_table(("metric", "suite", "T", "method", "task", "current", "baseline",
+                             "limit", "earlier runs"),
+                            [(r.metric, r.suite, r.num_tasks, r.method, r.task,
+                              _value(r.metric, r.current), _value(r.metric, r.baseline),
+                              _value(r.metric, r.limit), r.baseline_runs)
+                             for r in regressions], css="bad"))
+    else:
+        parts.append("<p class='ok'>None: every measurement is within its threshold "
+                     "(or has no earlier run to compare with).</p>")
+    parts.append(f"<p class='meta'>Thresholds: mean normalized accuracy may drop "
+                 f"{thresholds.max_accuracy_drop:g} points, merge time may rise "
+                 f"{100 * thresholds.max_time_increase:g}% and at least "
+                 f"{thresholds.min_time_increase_s:g} s, against the median of the last "
+                 f"{thresholds.window} earlier runs.</p>")
+    return parts
 
 
 def write_report(history: pa.Table, out: str, thresholds: Thresholds,

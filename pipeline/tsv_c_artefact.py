@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .checkpoints import StagedOutput, open_checkpoint
+from .checkpoints import Checkpoint, StagedOutput, open_checkpoint
 from .checkpoints.output import REPORT_NAME, prepare_output
 from .checkpoints.scan import describe_file
 from .checkpoints.safetensors_io import DTYPES, write_safetensors
 from .checkpoints.storage import join, read_bytes
 from .errors import InputError
-from .methods import get_method
+from .methods import MethodSpec, get_method
 from .records import ExpandReport, FileRecord
 
 ARTEFACT_META = "tsv_c.json"
@@ -31,6 +31,25 @@ FILE_BYTES = 1 << 30
 def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool = False) -> str:
     """Write task `task`'s (0-based) model from the artefact and the base; returns `out`."""
     prepare_output(out, overwrite, [artefact, base])  # before any tensor byte is read
+    meta = _read_meta(artefact, task)
+    method = get_method(meta.get("method", "tsv_c"))  # artefacts before 2: always TSV-C
+    if method.reconstruct is None:
+        raise InputError(f"{artefact}: method {method.name!r} stores no per-task factors")
+    started = time.perf_counter()
+    with open_checkpoint(artefact) as factors, open_checkpoint(base) as theta0, \
+            StagedOutput(out, overwrite) as staged:
+        weight_map = _write_in_files(staged, _task_tensors(meta, method, factors, theta0, task))
+        staged.write_json("model.safetensors.index.json",
+                          {"metadata": {"source": artefact, "task": task},
+                           "weight_map": dict(sorted(weight_map.items()))})
+        if theta0.config_location:
+            staged.copy_in(theta0.config_location, "config.json")
+        staged.write_text(REPORT_NAME, _expand_report(staged, artefact, base, task, meta,
+                                                      time.perf_counter() - started).to_json())
+        return staged.commit()
+
+
+def _read_meta(artefact: str, task: int) -> dict[str, Any]:
     try:
         meta = json.loads(read_bytes(join(artefact, ARTEFACT_META)))
     except InputError:
@@ -40,58 +59,55 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
     if not 0 <= task < meta["num_tasks"]:
         raise InputError(f"{artefact}: task {task} out of range (artefact has "
                          f"{meta['num_tasks']} tasks, numbered from 0)")
+    return meta
+
+
+def _task_tensors(meta: dict[str, Any], method: MethodSpec, factors: Checkpoint,
+                  theta0: Checkpoint, task: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """theta_0 + tau_task^c under every stored key of the base, unit by unit."""
     compute = DTYPES[meta["compute_dtype"]]
-    method = get_method(meta.get("method", "tsv_c"))  # artefacts before 2: always TSV-C
-    if method.reconstruct is None:
-        raise InputError(f"{artefact}: method {method.name!r} stores no per-task factors")
-    started = time.perf_counter()
-    with open_checkpoint(artefact) as factors, open_checkpoint(base) as theta0, \
-            StagedOutput(out, overwrite) as staged:
-        stored: dict[str, list[str]] = {}  # unit -> the names of its stored factors
-        for key in factors.keys():
-            unit_name, _, part = key.rpartition("::")
-            stored.setdefault(unit_name, []).append(part)
-        pending: dict[str, torch.Tensor] = {}
-        weight_map: dict[str, str] = {}
-        files = 0
+    stored: dict[str, list[str]] = {}  # unit -> the names of its stored factors
+    for key in factors.keys():
+        unit_name, _, part = key.rpartition("::")
+        stored.setdefault(unit_name, []).append(part)
+    for name, unit in meta["units"].items():
+        sources = unit["sources"]
+        base_parts = [theta0.read(k) for k in sources]
+        if unit["kind"] == "copy":
+            yield from zip(sources, base_parts)
+            continue
+        if unit["kind"] == "matrix":
+            tau = method.reconstruct({part: factors.read(f"{name}::{part}")[task]  # type: ignore[misc]
+                                      for part in stored[name]})
+        else:
+            tau = factors.read(f"{name}::tau")[task]
+        if unit.get("transposed", False):  # absent in older artefacts: not transposed
+            tau = tau.T
+        theta = torch.cat(base_parts).to(compute) + tau.to(compute)
+        pieces = theta.split(unit["rows"]) if len(sources) > 1 else [theta]
+        for key, piece, part in zip(sources, pieces, base_parts):
+            yield key, piece.reshape(part.shape).to(part.dtype)
 
-        def flush() -> None:
-            nonlocal files
-            files += 1
-            name = f"model-{files:05d}.safetensors"
-            write_safetensors(staged.file(name), pending)
-            weight_map.update({k: name for k in pending})
-            pending.clear()
 
-        for name, unit in meta["units"].items():
-            sources = unit["sources"]
-            base_parts = [theta0.read(k) for k in sources]
-            if unit["kind"] == "copy":
-                pending.update(zip(sources, base_parts))
-            else:
-                if unit["kind"] == "matrix":
-                    tau = method.reconstruct({part: factors.read(f"{name}::{part}")[task]
-                                              for part in stored[name]})
-                else:
-                    tau = factors.read(f"{name}::tau")[task]
-                if unit.get("transposed", False):  # absent in older artefacts: not transposed
-                    tau = tau.T
-                theta = torch.cat(base_parts).to(compute) + tau.to(compute)
-                pieces = theta.split(unit["rows"]) if len(sources) > 1 else [theta]
-                for key, piece, part in zip(sources, pieces, base_parts):
-                    pending[key] = piece.reshape(part.shape).to(part.dtype)
-            if sum(t.numel() * t.element_size() for t in pending.values()) > FILE_BYTES:
-                flush()
-        if pending:
+def _write_in_files(staged: StagedOutput, tensors: Iterator[tuple[str, torch.Tensor]]
+                    ) -> dict[str, str]:
+    """Write tensors into numbered files of about FILE_BYTES each; returns the weight map."""
+    pending: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+
+    def flush() -> None:
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        write_safetensors(staged.file(name), pending)
+        weight_map.update({k: name for k in pending})
+        pending.clear()
+
+    for key, tensor in tensors:
+        pending[key] = tensor
+        if sum(t.numel() * t.element_size() for t in pending.values()) > FILE_BYTES:
             flush()
-        staged.write_json("model.safetensors.index.json",
-                          {"metadata": {"source": artefact, "task": task},
-                           "weight_map": dict(sorted(weight_map.items()))})
-        if theta0.config_location:
-            staged.copy_in(theta0.config_location, "config.json")
-        staged.write_text(REPORT_NAME, _expand_report(staged, artefact, base, task, meta,
-                                                      time.perf_counter() - started).to_json())
-        return staged.commit()
+    if pending:
+        flush()
+    return weight_map
 
 
 def _expand_report(staged: StagedOutput, artefact: str, base: str, task: int,

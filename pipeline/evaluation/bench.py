@@ -22,7 +22,7 @@ from ..checkpoints.output import write_file_atomic, write_json_atomic
 from ..config import MergeConfig
 from ..engine import library_versions, run_merge
 from ..errors import InputError
-from ..methods.registry import get_method
+from ..methods.registry import MethodSpec, get_method
 from ..records import REPORT_SCHEMA_VERSION
 from ..suites.build import ensure_suite
 from .data import TaskData, load_task
@@ -157,50 +157,17 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         executor = RayExecutor(options.address, options.workers, device=options.device)
     suite_dir = ensure_suite(options.suite, options.cache, executor, log)
     tasks = suite_tasks(suite_dir, options.tasks)
-    base = os.path.join(suite_dir, "pretrained")
-    finetuned = [os.path.join(suite_dir, "finetuned", t) for t in tasks]
-    data: dict[str, TaskData] = {t: load_task(os.path.join(suite_dir, "tasks"), t,
-                                              ("val", "test")) for t in tasks}
     timings: dict[str, float] = {}
     # Merges first, then the actors: evaluation actors hold their CPUs/GPUs for their whole
     # life, and merge tasks queued behind them would wait forever on a small cluster.
-    task_vectors, merges = {}, {}
-    for method in methods:
-        t0 = time.perf_counter()
-        task_vectors[method.name] = os.path.join(options.out, "task_vectors", method.name)
-        report = run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
-                              out=task_vectors[method.name], output="task_vector",
-                              engine=options.engine, workers=options.workers,
-                              address=options.address, device=options.device, overwrite=True,
-                              params=options.params.get(method.name, {})),
-                  executor=executor)
-        timings[f"merge_{method.name}"] = time.perf_counter() - t0
-        merges[method.name] = MergeCost(params=report.params,
-                                        seconds=timings[f"merge_{method.name}"],
-                                        model_parameters=report.model.parameters,
-                                        peak_rss_bytes=report.engine.peak_worker_rss_bytes)
-    pool = EvaluationPool(base, data, options.engine, options.workers, options.device,
-                          address=options.address)
+    task_vectors, merges = _merge_methods(options, methods, suite_dir, tasks, executor, timings)
+    data: dict[str, TaskData] = {t: load_task(os.path.join(suite_dir, "tasks"), t,
+                                              ("val", "test")) for t in tasks}
+    pool = EvaluationPool(os.path.join(suite_dir, "pretrained"), data, options.engine,
+                          options.workers, options.device, address=options.address)
     try:
-        t0 = time.perf_counter()
-        refs = reference_rows(pool, suite_dir, tasks)
-        timings["references"] = time.perf_counter() - t0
-        ft_val, ft_test = refs["finetuned"]["val"], refs["finetuned"]["test"]
-        rows = {name: _row(refs[name]["test"], ft_test, None) for name in refs}
-        sweeps = {}
-        for method in methods:
-            t0 = time.perf_counter()
-            grid = (method.fixed_alpha(len(tasks)),) if method.fixed_alpha else method.alpha_grid
-            result = sweep_task_vector(pool, task_vectors[method.name], tasks, grid, ft_val,
-                                       options.early_stop)
-            rows[method.name] = _row(result["test"], ft_test, result["alpha"])
-            sweeps[method.name] = result["sweep"]
-            timings[f"sweep_{method.name}"] = time.perf_counter() - t0
-            log(f"  {method.name}: alpha={result['alpha']:g}  "
-                f"normalized {100 * rows[method.name].normalized:.1f}%  "
-                f"absolute {100 * rows[method.name].absolute:.1f}%  "
-                f"(merge {timings[f'merge_{method.name}']:.0f} s, "
-                f"sweep {timings[f'sweep_{method.name}']:.0f} s)")
+        rows, sweeps = _sweep_methods(pool, options, methods, suite_dir, tasks, task_vectors,
+                                      timings, log)
     finally:
         pool.close()
     timings["total"] = time.perf_counter() - t_start
@@ -210,6 +177,58 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
                            timings_s=timings, versions=library_versions())
     write_results(options.out, summary)
     return summary
+
+
+def _merge_methods(options: BenchOptions, methods: list[MethodSpec], suite_dir: str,
+                   tasks: list[str], executor, timings: dict[str, float]
+                   ) -> tuple[dict[str, str], dict[str, MergeCost]]:
+    """Each method's merged task vector (computed once; the sweep only rescales it)."""
+    base = os.path.join(suite_dir, "pretrained")
+    finetuned = [os.path.join(suite_dir, "finetuned", t) for t in tasks]
+    task_vectors, merges = {}, {}
+    for method in methods:
+        t0 = time.perf_counter()
+        task_vectors[method.name] = os.path.join(options.out, "task_vectors", method.name)
+        report = run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
+                                       out=task_vectors[method.name], output="task_vector",
+                                       engine=options.engine, workers=options.workers,
+                                       address=options.address, device=options.device,
+                                       overwrite=True,
+                                       params=options.params.get(method.name, {})),
+                           executor=executor)
+        timings[f"merge_{method.name}"] = time.perf_counter() - t0
+        merges[method.name] = MergeCost(params=report.params,
+                                        seconds=timings[f"merge_{method.name}"],
+                                        model_parameters=report.model.parameters,
+                                        peak_rss_bytes=report.engine.peak_worker_rss_bytes)
+    return task_vectors, merges
+
+
+def _sweep_methods(pool: EvaluationPool, options: BenchOptions, methods: list[MethodSpec],
+                   suite_dir: str, tasks: list[str], task_vectors: dict[str, str],
+                   timings: dict[str, float], log: Callable[[str], None]
+                   ) -> tuple[dict[str, MethodRow], dict[str, list[dict[str, Any]]]]:
+    """The reference rows, then each method at the alpha its validation sweep chooses."""
+    t0 = time.perf_counter()
+    refs = reference_rows(pool, suite_dir, tasks)
+    timings["references"] = time.perf_counter() - t0
+    ft_val, ft_test = refs["finetuned"]["val"], refs["finetuned"]["test"]
+    rows = {name: _row(refs[name]["test"], ft_test, None) for name in refs}
+    sweeps = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        grid = (method.fixed_alpha(len(tasks)),) if method.fixed_alpha else method.alpha_grid
+        result = sweep_task_vector(pool, task_vectors[method.name], tasks, grid, ft_val,
+                                   options.early_stop)
+        rows[method.name] = _row(result["test"], ft_test, result["alpha"])
+        sweeps[method.name] = result["sweep"]
+        timings[f"sweep_{method.name}"] = time.perf_counter() - t0
+        log(f"  {method.name}: alpha={result['alpha']:g}  "
+            f"normalized {100 * rows[method.name].normalized:.1f}%  "
+            f"absolute {100 * rows[method.name].absolute:.1f}%  "
+            f"(merge {timings[f'merge_{method.name}']:.0f} s, "
+            f"sweep {timings[f'sweep_{method.name}']:.0f} s)")
+    return rows, sweeps
 
 
 def _row(test: dict[str, float], ft_test: dict[str, float], alpha: float | None) -> MethodRow:
