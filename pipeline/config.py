@@ -15,7 +15,7 @@ import contextlib
 import math
 import re
 import typing
-from typing import Annotated, Any, Iterator, Literal, Mapping, TypeVar
+from typing import Annotated, Any, Iterator, Literal, Mapping, TypeVar, cast
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError,
@@ -262,12 +262,13 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel] = MergeC
     Flags carry strings (or True/False for switches) and default to None meaning "not given";
     conversion and checks are the model's, so flags and YAML are validated by the same code.
     """
-    used = {(f.json_schema_extra or {}).get("group") for f in model.model_fields.values()}  # type: ignore[union-attr]
+    facts_of = {name: cast(dict[str, Any], field.json_schema_extra or {})
+                for name, field in model.model_fields.items()}
+    used = {facts["group"] for facts in facts_of.values()}
     groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()
               if name in used}
     for name, field in model.model_fields.items():
-        facts = field.json_schema_extra or {}
-        assert isinstance(facts, dict)
+        facts = facts_of[name]
         group = groups[facts["group"]]
         flag = facts.get("flag") or "--" + name.replace("_", "-")
         kind, choices = _field_kind(field.annotation)

@@ -38,8 +38,8 @@ def run_demo(workdir: str, workers: int = 2, num_tasks: int = 8) -> int:
         rows.append((method, report))
     print(f"\n{'method':<16}{'alpha':>7}{'files':>7}{'shards':>8}{'SVDs':>7}{'seconds':>9}  output")
     for method, r in rows:
-        alpha = "-" if r.alpha is None else f"{r.alpha:.3g}"
-        print(f"{method:<16}{alpha:>7}{len(r.outputs):>7}{len(r.engine.shards):>8}"
+        shown = "-" if r.alpha is None else f"{r.alpha:.3g}"
+        print(f"{method:<16}{shown:>7}{len(r.outputs):>7}{len(r.engine.shards):>8}"
               f"{r.numerics.svd_calls:>7}{r.timings_s['total']:>9.2f}  "
               f"{workdir}/merged/{method}")
     task_model = expand_task(os.path.join(workdir, "merged", "tsv_c"), base, 0,

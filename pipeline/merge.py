@@ -13,7 +13,7 @@ import resource
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Generator
 
 import torch
 
@@ -97,7 +97,8 @@ def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.
 
 
 def iter_unit_deltas(job: ShardJob, counters: _Counters, floats_only: bool = False
-                     ) -> Iterator[tuple[MergeUnit, torch.Tensor, torch.Tensor | None]]:
+                     ) -> Generator[tuple[MergeUnit, torch.Tensor, torch.Tensor | None],
+                                    None, None]:
     """(unit, base tensor, stacked task vectors in the compute dtype on the compute device)
     for every unit of the shard, in plan order and in the unit's orientation (`_read_unit`);
     task vectors are None for integer buffers."""
@@ -202,5 +203,6 @@ def _maybe_fail(job: ShardJob) -> None:
 def shard_statistics(job: ShardJob, request: Any) -> Any:
     """This shard's partial answer to one pass of its method's model-wide statistics."""
     assert job.method.statistics is not None
-    deltas = (d for _, _, d in iter_unit_deltas(job, _Counters(), floats_only=True))
+    deltas = (d for _, _, d in iter_unit_deltas(job, _Counters(), floats_only=True)
+              if d is not None)
     return job.method.statistics.shard_pass(deltas, request)

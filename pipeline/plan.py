@@ -85,7 +85,7 @@ def build_units(specs: Mapping[str, TensorSpec], fuse_qkv: bool = False) -> list
     where it is what the papers compute)."""
     fused = qkv_fusions({k: s.shape for k, s in specs.items()}) if fuse_qkv else {}
     consumed = {k for triple in fused.values() for k in triple}
-    units = []
+    units: list[MergeUnit] = []
     for name, sources in fused.items():
         first = specs[sources[0]]
         if len({specs[k].dtype for k in sources}) != 1:
@@ -144,7 +144,8 @@ def plan_files(specs: Mapping[str, TensorSpec], method: MethodSpec, num_tasks: i
         by_group[group_of(unit.sources[0])].append(unit)
     chunks: list[list[tuple[MergeUnit, list, float]]] = []
     for group in sorted(by_group, key=natural_key):
-        current, size = [], 0
+        current: list[tuple[MergeUnit, list, float]] = []
+        size = 0
         for unit in by_group[group]:
             matrix = method.uses_matrix_rule(unit.name, unit.shape, exclude)
             outputs = unit_outputs(unit, method, mode, compute_dtype, num_tasks, matrix,

@@ -42,7 +42,7 @@ def _pyplot():
 def _colors(labels: Iterable[str]) -> dict[str, Any]:
     """One colour per method for every panel, so a single legend serves the whole figure."""
     import matplotlib
-    palette = matplotlib.colormaps["tab10"].colors
+    palette = matplotlib.colormaps["tab10"](range(10))
     names = sorted(set(labels) - {"zero_shot"})
     colors: dict[str, Any] = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     colors["zero_shot"] = "0.55"

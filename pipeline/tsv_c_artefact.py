@@ -68,8 +68,8 @@ def _task_tensors(meta: dict[str, Any], method: MethodSpec, factors: Checkpoint,
     compute = DTYPES[meta["compute_dtype"]]
     stored: dict[str, list[str]] = {}  # unit -> the names of its stored factors
     for key in factors.keys():
-        unit_name, _, part = key.rpartition("::")
-        stored.setdefault(unit_name, []).append(part)
+        unit_name, _, factor = key.rpartition("::")
+        stored.setdefault(unit_name, []).append(factor)
     for name, unit in meta["units"].items():
         sources = unit["sources"]
         base_parts = [theta0.read(k) for k in sources]
@@ -77,16 +77,17 @@ def _task_tensors(meta: dict[str, Any], method: MethodSpec, factors: Checkpoint,
             yield from zip(sources, base_parts)
             continue
         if unit["kind"] == "matrix":
-            tau = method.reconstruct({part: factors.read(f"{name}::{part}")[task]  # type: ignore[misc]
-                                      for part in stored[name]})
+            assert method.reconstruct is not None
+            tau = method.reconstruct({factor: factors.read(f"{name}::{factor}")[task]
+                                      for factor in stored[name]})
         else:
             tau = factors.read(f"{name}::tau")[task]
         if unit.get("transposed", False):  # absent in older artefacts: not transposed
             tau = tau.T
         theta = torch.cat(base_parts).to(compute) + tau.to(compute)
         pieces = theta.split(unit["rows"]) if len(sources) > 1 else [theta]
-        for key, piece, part in zip(sources, pieces, base_parts):
-            yield key, piece.reshape(part.shape).to(part.dtype)
+        for key, piece, stored_part in zip(sources, pieces, base_parts):
+            yield key, piece.reshape(stored_part.shape).to(stored_part.dtype)
 
 
 def _write_in_files(staged: StagedOutput, tensors: Iterator[tuple[str, torch.Tensor]]

@@ -58,7 +58,8 @@ def qkv_fusions(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, s
         if not match:
             continue
         prefix, param = match["prefix"], match["param"]
-        triple = tuple(f"{prefix}.{p}.{param}" for p in QKV_PARTS)
+        q, k, v = (f"{prefix}.{p}.{param}" for p in QKV_PARTS)
+        triple = (q, k, v)
         if all(k in shapes for k in triple) and len({shapes[k][1:] for k in triple}) == 1 \
                 and len(shapes[key]) == 2:
             fusions[f"{prefix}.in_proj_{param}"] = triple  # open_clip's name for the fused matrix
@@ -159,7 +160,7 @@ def table_keys(layout: Literal["open_clip", "hf"], num_layers: int) -> list[str]
     """Every vision key the table defines for a tower of `num_layers` blocks, in table order
     (open_clip names under `visual.`, HF names as `CLIPVisionModelWithProjection` saves
     them): what a complete conversion produces, for callers that check completeness."""
-    keys = []
+    keys: list[str] = []
     for row in CORRESPONDENCES:
         if row.tower != "vision":
             continue

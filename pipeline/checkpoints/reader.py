@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -104,7 +105,7 @@ class Checkpoint:
         return self._open[file]
 
 
-class _FileHandle:
+class _FileHandle(Protocol):
     specs: dict[str, TensorSpec]
 
     def read(self, key: str) -> torch.Tensor: ...
@@ -112,7 +113,7 @@ class _FileHandle:
     def close(self) -> None: ...
 
 
-class _SafetensorsHandle(_FileHandle):
+class _SafetensorsHandle:
     def __init__(self, location: str):
         self._file = SafetensorsFile(location)
         self.specs = {k: TensorSpec(e.dtype, e.shape) for k, e in self._file.entries.items()}
@@ -124,7 +125,7 @@ class _SafetensorsHandle(_FileHandle):
         self._file.close()
 
 
-class _TorchHandle(_FileHandle):
+class _TorchHandle:
     def __init__(self, location: str):
         self._tensors = load_torch_state_dict(location)
         self.specs = {}
@@ -189,8 +190,8 @@ def open_checkpoint(location: str) -> Checkpoint:
             raise InputError(f"{location}: unknown checkpoint format (expected .safetensors, "
                              f".pt, .pth, .bin or a model directory)")
         return Checkpoint(location, None, [location], None)
-    config = storage.join(location, "config.json")
-    config = config if storage.exists(config) else None
+    config_path = storage.join(location, "config.json")
+    config = config_path if storage.exists(config_path) else None
     for index_name in INDEX_FILES:
         index_path = storage.join(location, index_name)
         if storage.exists(index_path):

@@ -55,7 +55,7 @@ def dtype_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
-def parse_header(raw_len: bytes, read_header, file_size: int, name: str
+def parse_header(raw_len: bytes | bytearray, read_header, file_size: int, name: str
                  ) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Validate a header completely; any lie about offsets, sizes or dtypes is an error."""
     if file_size < 8 or len(raw_len) < 8:
@@ -162,7 +162,7 @@ class WrittenFile:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a tensor, without a copy when it is already contiguous."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def build_header(layout: Sequence[tuple[str, str, Sequence[int]]],

@@ -41,7 +41,7 @@ def _scan_safetensors(location: str) -> dict[str, Any]:
         bad = []
         for key, entry in entries:
             tensor = f.read(key)
-            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data
                           if tensor.numel() else b"")
             if entry.dtype in FLOATS and not bool(torch.isfinite(tensor).all()):
                 bad.append(key)

@@ -47,7 +47,8 @@ class Evaluator:
         self.threads = threads
         torch.set_num_threads(threads)
         config = VisionConfig.from_model_dir(base)
-        self.model = ClipVisionTower(config).to(self.device).eval()
+        self.model = ClipVisionTower(config)
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' typing
         stored = read_tensors(base)
         load_state(self.model, stored, base)
         self.params = parameters(self.model)

@@ -52,13 +52,14 @@ def select_alpha(grid: Sequence[float],
     for start in range(0, len(grid), wave):
         alphas = list(grid[start:start + wave])
         for alpha, acc in zip(alphas, validate(alphas)):
-            row = {"alpha": alpha, "val": dict(acc), "val_absolute": absolute(acc),
-                   "val_normalized": normalized(acc, finetuned_val)}
-            result.evaluated.append(row)
-            if row["val_normalized"] > best_norm:
-                best_norm, result.alpha = row["val_normalized"], alpha
-            if row["val_absolute"] > best_abs:
-                best_abs, since_best = row["val_absolute"], 0
+            val_absolute, val_normalized = absolute(acc), normalized(acc, finetuned_val)
+            result.evaluated.append({"alpha": alpha, "val": dict(acc),
+                                     "val_absolute": val_absolute,
+                                     "val_normalized": val_normalized})
+            if val_normalized > best_norm:
+                best_norm, result.alpha = val_normalized, alpha
+            if val_absolute > best_abs:
+                best_abs, since_best = val_absolute, 0
             else:
                 since_best += 1
             if early_stop and since_best >= EARLY_STOP_PATIENCE:

@@ -71,7 +71,7 @@ class VisionConfig:
     def to_hf_config(self) -> CLIPVisionConfig:
         # sdpa: the attention kernel the suite was built with (same bits as the eager path
         # would not promise).
-        return CLIPVisionConfig(**asdict(self), attn_implementation="sdpa")
+        return CLIPVisionConfig(**{**asdict(self), "attn_implementation": "sdpa"})
 
 
 class ClipVisionTower(CLIPVisionModelWithProjection):

@@ -146,7 +146,7 @@ def _draw(size: int, paint: Callable, rng: np.random.Generator, scale: int = 4) 
     bg, fg = _canvas(rng, size)
     big = Image.new("L", (size * scale, size * scale), int(bg * 255))
     paint(ImageDraw.Draw(big), size * scale, int(fg * 255))
-    small = np.asarray(big.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    small = np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
     return _noisy(small, rng)
 
 
@@ -224,9 +224,9 @@ def _glyphs(split, n, rng, size):
         x = rng.uniform(-left, size * 4 - right) if size * 4 > right - left else 0
         y = rng.uniform(-top, size * 4 - bottom) if size * 4 > bottom - top else 0
         draw.text((x, y), _LETTERS[label], fill=int(fg * 255), font=font)
-        big = big.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR,
+        big = big.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BILINEAR,
                          fillcolor=int(bg * 255))
-        small = np.asarray(big.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+        small = np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
         images.append(_noisy(small, rng))
     return _to_rgb(np.stack(images)), labels.astype(np.int64)
 
