@@ -13,6 +13,7 @@ from typing import Sequence
 
 from .config import MergeConfig, add_options, load_merge_config
 from .errors import InputError, PipelineError
+from .records import MergeReport
 from .ops_commands import add_history_option, record
 
 
@@ -61,12 +62,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary_line(report: dict, out: str) -> str:
-    engine = report["engine"]
-    return (f"{report['method']}: {report['num_tasks']} tasks -> {out} "
-            f"({len(report['outputs'])} file(s), {engine['workers']} worker(s) on "
-            f"{engine['device']}, {report['timings_s']['total']:.1f} s, "
-            f"{report['numerics']['svd_calls']} SVDs)")
+def summary_line(report: MergeReport, out: str) -> str:
+    engine = report.engine
+    return (f"{report.method}: {report.num_tasks} tasks -> {out} "
+            f"({len(report.outputs)} file(s), {engine.workers} worker(s) on "
+            f"{engine.device}, {report.timings_s['total']:.1f} s, "
+            f"{report.numerics.svd_calls} SVDs)")
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
@@ -131,15 +132,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Only this function prints errors: one line each (bugs keep their
+    traceback). Ctrl-C and SIGTERM unwind as exceptions (`interrupts`), then exit 130 / 143,
+    whatever exception the signal became on its way up; an embedded Ray cluster this process
+    started is shut down on every way out."""
+    from . import interrupts, ray_cluster
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with interrupts.signals_unwind() as received:
+        try:
+            return args.func(args)
+        except BaseException as exc:
+            signum = received.signum
+            if signum is None and isinstance(exc, KeyboardInterrupt):
+                signum = received.of(exc)
+            if signum is not None:
+                ray_cluster.shutdown_started()  # before the line, so that it is the last word
+                print(interrupts.describe(signum, exc, resumable=hasattr(args, "resume")),
+                      file=sys.stderr)
+                return interrupts.exit_code(signum)
+            if isinstance(exc, InputError):
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if isinstance(exc, PipelineError):
+                print(f"error: {exc}{interrupts.kept_note(exc, '; ')}", file=sys.stderr)
+                return 1
+            if isinstance(exc, Exception) and getattr(exc, "staging_dir", None):
+                exc.add_note(interrupts.kept_note(exc))  # a bug: keep the traceback, add where
+            raise
+        finally:
+            ray_cluster.shutdown_started()
 
 
 if __name__ == "__main__":

@@ -29,12 +29,26 @@ def tiny_suite(tmp_path_factory):
     return path, cache, time.perf_counter() - t0
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """An embedded local Ray with 3 logical CPUs, so 1, 2 and 3 workers can all run."""
+def _start_ray():
     import ray
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    ray = _start_ray()
+    yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """An embedded local Ray with 3 logical CPUs, so 1, 2 and 3 workers can all run; started
+    once per session, and again if a test (a CLI run in this process, say) shut it down."""
+    import ray
+    if not ray.is_initialized():
+        _start_ray()
+    return ray

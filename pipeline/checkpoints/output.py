@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
@@ -143,6 +142,9 @@ class StagedOutput:
     def write_json(self, name: str, obj: Any) -> None:
         write_json_atomic(self.file(name), obj)
 
+    def write_text(self, name: str, text: str) -> None:
+        write_file_atomic(self.file(name), lambda f: f.write(text.encode()))
+
     def copy_in(self, location: str, name: str) -> None:
         """Copy a small file (a base's config.json) from a local path or URI into the output."""
         with open(self.file(name), "wb") as f:
@@ -198,9 +200,13 @@ class StagedOutput:
             return
         if issubclass(exc_type, (InputError, OutputError)):
             self.abort()
-        else:
-            sys.stderr.write(f"merge interrupted: finished files kept in {self.path}; "
-                             f"run the same command with --resume to reuse them\n")
+        elif exc is not None:
+            # Interrupted or crashed: the finished files stay for --resume. main() tells the
+            # user where, in its one line, whatever stopped the run.
+            try:
+                exc.staging_dir = self.path
+            except AttributeError:
+                pass
 
 
 DONE_SUFFIX = ".done.json"
@@ -211,7 +217,7 @@ def done_marker(directory: str, file_name: str) -> str:
     return os.path.join(directory, f".{file_name}{DONE_SUFFIX}")
 
 
-def write_file_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+def write_file_atomic(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Write a small file through `write(fh)` under a temporary name, fsync it, rename it into
     place: a reader sees the old file or the whole new one, never part of it."""
     tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"

@@ -9,7 +9,6 @@ that was in flight; counts are integers summed per request, so the result is unc
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 from ..errors import PipelineError
@@ -45,8 +44,9 @@ class EvaluationPool:
                           for s in d.splits}
             return
         import ray
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+
+        from ..ray_cluster import connect
+        self.cluster = connect(address)  # the same start-up as the merge executor's
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
         self.device = choose_device(device, gpus > 0)
