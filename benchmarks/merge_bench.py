@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.checkpoints import write_json_atomic, write_safetensors  # noqa: E402
-from pipeline.config import MergeConfig  # noqa: E402
-from pipeline.engine import run_merge  # noqa: E402
-from pipeline.examples import finetune_like  # noqa: E402
-from pipeline.executors import RayExecutor  # noqa: E402
+from pipeline.io import write_json_atomic, write_safetensors  # noqa: E402
+from pipeline.engine.config import MergeConfig  # noqa: E402
+from pipeline.engine.driver import run_merge  # noqa: E402
+from pipeline.bench.examples import finetune_like  # noqa: E402
+from pipeline.runtime.executors import RayExecutor  # noqa: E402
 
 ARCHITECTURES = {
     "vit-b-32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

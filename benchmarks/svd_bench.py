@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import spec_reference  # noqa: E402
 from merge_bench import markdown  # noqa: E402
-from pipeline.checkpoints import open_checkpoint, write_safetensors  # noqa: E402
+from pipeline.io import open_checkpoint, write_safetensors  # noqa: E402
 from pipeline.methods import get_method, numerics_log  # noqa: E402
 
 # (width, layers): every layer has 4 d x d, one 4d x d and one d x 4d matrix.

@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import main  # noqa: E402
-from pipeline.ray_job import job_argv  # noqa: E402
+from pipeline.cli.main import main  # noqa: E402
+from pipeline.cli.ray_job import job_argv  # noqa: E402
 
 SUBCOMMANDS = ("evaluate", "sweep", "bench", "suite")
 

@@ -16,8 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import main  # noqa: E402
-from pipeline.ray_job import job_argv  # noqa: E402
+from pipeline.cli.main import main  # noqa: E402
+from pipeline.cli.ray_job import job_argv  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(job_argv("nightly", sys.argv[1:])))

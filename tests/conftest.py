@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def tiny_example(tmp_path_factory):
     """A CLIP-style ViT (HF key layout, tiny width) base + 3 fine-tuned checkpoints."""
-    from pipeline.examples import write_example
+    from pipeline.bench.examples import write_example
     root = tmp_path_factory.mktemp("tiny_example")
     return write_example(str(root), "tiny", num_tasks=3)
 
@@ -22,7 +22,7 @@ def tiny_example(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
     """The `tiny` benchmark suite, built once per session: (directory, cache root, seconds)."""
-    from pipeline.suites.build import ensure_suite
+    from pipeline.bench.suites.build import ensure_suite
     cache = str(tmp_path_factory.mktemp("suite_cache"))
     t0 = time.perf_counter()
     path = ensure_suite("tiny", cache, log=lambda *_: None)

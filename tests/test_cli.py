@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoints import open_checkpoint, write_safetensors
-from pipeline.cli import main
+from pipeline.io import open_checkpoint, write_safetensors
+from pipeline.cli.main import main
 
 
 def write_model(directory, weights):

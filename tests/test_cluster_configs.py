@@ -402,7 +402,7 @@ def test_entrypoint_names_scripts_and_configs_that_exist(entrypoint):
 def test_the_nightly_entrypoint_config_loads(monkeypatch):
     """The nightly's --config is loaded the way the job will load it: repo-relative, from the
     root of the working_dir."""
-    from pipeline.nightly import load_nightly_config
+    from pipeline.history.nightly import load_nightly_config
     nightly = [e for _, e in entrypoints() if "ray_jobs/nightly.py" in e]
     assert nightly
     monkeypatch.chdir(REPO)

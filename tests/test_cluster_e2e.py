@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from pipeline.results import MEAN, read_history
+from pipeline.history.store import MEAN, read_history
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "cluster", "local-head.sh")

@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoints import open_checkpoint, write_safetensors
-from pipeline.checkpoints import safetensors_io
-from pipeline.cli import main
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
+from pipeline.io import open_checkpoint, write_safetensors
+from pipeline.io import safetensors_io
+from pipeline.cli.main import main
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
 from pipeline.errors import OutputConflictError
-from pipeline.executors import LocalExecutor
+from pipeline.runtime.executors import LocalExecutor
 
 
 def _weights(seed, dtype=torch.float32):
@@ -443,7 +443,7 @@ def test_help_documents_every_flag_methods_and_exit_codes(capsys):
         assert code in text
     assert "previous output of merge-pipeline" in " ".join(text.split())
     import argparse
-    from pipeline.cli import build_parser
+    from pipeline.cli.main import build_parser
     merge = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
                  if a[0] == "merge")[1]
     undocumented = [a.option_strings for a in merge._actions

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoints import open_checkpoint
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
-from pipeline.examples import write_example
+from pipeline.io import open_checkpoint
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
+from pipeline.bench.examples import write_example
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -16,7 +16,7 @@ def test_half_precision_merge_keeps_dtype_and_matches_float32(dtype, tmp_path):
     """A half-precision merge is the float32 merge of the same (upcast) inputs, rounded once
     at the end: never worse than half an ulp of the output dtype."""
     import os
-    from pipeline.checkpoints import write_safetensors
+    from pipeline.io import write_safetensors
     half = write_example(str(tmp_path / "half"), "tiny", num_tasks=2, dtype=dtype)
     upcast = []
     for path in [half[0], *half[1]]:

@@ -9,11 +9,11 @@ import pickle
 import pytest
 import torch
 
-from pipeline.checkpoints import open_checkpoint
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
-from pipeline.executors import LocalExecutor, RayExecutor
-from pipeline.merge import Fault
+from pipeline.io import open_checkpoint
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
+from pipeline.runtime.executors import LocalExecutor, RayExecutor
+from pipeline.engine.worker import Fault
 from pipeline.methods.ties import reference_ties
 
 pytestmark = pytest.mark.slow
@@ -275,7 +275,7 @@ def test_resume_never_reuses_files_when_an_input_changed(tiny_example, tmp_path)
         run_merge(MergeConfig(base=str(base), finetuned=list(tiny_example[1]), method="iso_c",
                               alpha=METHOD_RUNS["iso_c"][0], out=str(tmp_path / "out"),
                               engine="local"), executor=_InterruptAfter(2))
-    from pipeline.checkpoints import open_checkpoint, write_safetensors
+    from pipeline.io import open_checkpoint, write_safetensors
     with open_checkpoint(str(base)) as ckpt:
         weights = {k: ckpt.read(k).clone() for k in ckpt.keys()}
     for tensor in weights.values():

@@ -18,8 +18,8 @@ import torch
 from pipeline.errors import InputError
 from pipeline.evaluation.search import (EARLY_STOP_PATIENCE, absolute, normalized,
                                         select_alpha)
-from pipeline.evaluation.vit import ClipVisionTower, VisionConfig, init_clip_weights
-from pipeline.evaluation.weights import Weights
+from pipeline.models.vit import ClipVisionTower, VisionConfig, init_clip_weights
+from pipeline.models.weights import Weights
 
 SMALL = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=2, image_size=16, patch_size=4, projection_dim=24)
@@ -33,7 +33,7 @@ def test_the_tower_is_transformers_clip_and_saved_directories_load(tmp_path):
     runtime dependency of evaluation."""
     import transformers
     from pipeline.evaluation.evaluator import Evaluator
-    from pipeline.suites.build import save_model
+    from pipeline.bench.suites.build import save_model
     ours = ClipVisionTower(SMALL)
     assert isinstance(ours, transformers.CLIPVisionModelWithProjection)
     init_clip_weights(ours, seed=3)
@@ -49,7 +49,7 @@ def test_the_tower_is_transformers_clip_and_saved_directories_load(tmp_path):
 
 
 def test_wrong_architecture_is_a_clear_error(tmp_path):
-    from pipeline.suites.build import save_model
+    from pipeline.bench.suites.build import save_model
     from pipeline.evaluation.evaluator import Evaluator
     save_model(ClipVisionTower(SMALL), str(tmp_path / "m"))
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -132,7 +132,7 @@ class _RecordingPool:
 
 
 def test_sweep_never_looks_at_test_before_choosing():
-    from pipeline.evaluation.bench import sweep_task_vector
+    from pipeline.bench.runner import sweep_task_vector
     pool = _RecordingPool()
     grid = [0.1 * i for i in range(1, 31)]
     result = sweep_task_vector(pool, "tv", ["x", "y"], grid, {"x": 1.0, "y": 1.0}, False)
@@ -153,7 +153,7 @@ def _pool(suite_dir, tasks, engine, **kw):
 
 
 def test_tiny_suite_builds_once_and_is_cached(tiny_suite):
-    from pipeline.suites.build import ensure_suite
+    from pipeline.bench.suites.build import ensure_suite
     path, cache, seconds = tiny_suite
     assert seconds < 120
     meta = json.loads(open(os.path.join(path, "suite.json")).read())
@@ -164,7 +164,7 @@ def test_tiny_suite_builds_once_and_is_cached(tiny_suite):
 
 
 def test_real_data_splits_are_disjoint():
-    from pipeline.suites.tasks import make_split
+    from pipeline.bench.suites.tasks import make_split
     rows = {s: {bytes(x) for x in make_split("digits", s, 10_000, 0, 32)[0]}
             for s in ("train", "val", "test")}
     assert sum(map(len, rows.values())) > 1700
@@ -172,7 +172,7 @@ def test_real_data_splits_are_disjoint():
 
 
 def test_generated_tasks_are_deterministic():
-    from pipeline.suites.tasks import TASKS, make_split
+    from pipeline.bench.suites.tasks import TASKS, make_split
     for task in TASKS:
         a, b = make_split(task, "val", 20, 7, 32), make_split(task, "val", 20, 7, 32)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), task
@@ -221,7 +221,7 @@ def test_killed_evaluation_actor_is_restarted_and_counts_are_unchanged(tiny_suit
 
 
 def test_merged_accuracy_lies_between_zero_shot_and_finetuned(tiny_suite, tmp_path):
-    from pipeline.evaluation.bench import BenchOptions, run_bench
+    from pipeline.bench.runner import BenchOptions, run_bench
     path, cache, _ = tiny_suite
     summary = run_bench(BenchOptions(suite=path, methods=("task_arithmetic", "tsv_m"),
                                      out=str(tmp_path / "bench"), engine="local"),
@@ -246,7 +246,7 @@ def test_merged_accuracy_lies_between_zero_shot_and_finetuned(tiny_suite, tmp_pa
 
 
 def test_cli_evaluate_sweep_and_bench(tiny_suite, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
     path, cache, _ = tiny_suite
     common = ["--suite", path, "--tasks", "2", "--engine", "local"]
     assert main(["merge", "--base", os.path.join(path, "pretrained"), "--finetuned",

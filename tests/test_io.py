@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoints import SafetensorsFile, open_checkpoint, write_safetensors
-from pipeline.checkpoints.safetensors_io import build_header
+from pipeline.io import SafetensorsFile, open_checkpoint, write_safetensors
+from pipeline.io.safetensors_io import build_header
 from pipeline.errors import CorruptFileError, InputError
 
 TENSORS = {
@@ -187,15 +187,15 @@ def test_index_listing_a_key_its_shard_lacks_is_a_clear_error(tmp_path):
 
 
 def test_uri_base_config_is_copied(tmp_path):
-    from pipeline.config import MergeConfig
-    from pipeline.engine import run_merge
-    from pipeline.examples import write_example
+    from pipeline.engine.config import MergeConfig
+    from pipeline.engine.driver import run_merge
+    from pipeline.bench.examples import write_example
     base, tuned = write_example(str(tmp_path / "in"), "tiny", num_tasks=2)
     run_merge(MergeConfig(base=f"file://{base}", finetuned=tuned, method="iso_c", alpha=1.0,
                           out=str(tmp_path / "out"), engine="local"))
     expected = json.loads(open(os.path.join(base, "config.json")).read())
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == expected
-    from pipeline.tsv_c_artefact import expand_task
+    from pipeline.engine.expand import expand_task
     run_merge(MergeConfig(base=f"file://{base}", finetuned=tuned, method="tsv_c",
                           out=str(tmp_path / "art"), engine="local"))
     expand_task(str(tmp_path / "art"), f"file://{base}", 0, str(tmp_path / "task0"))

@@ -14,16 +14,16 @@ import os
 import pytest
 import torch
 
-from pipeline.checkpoints import TensorSpec, open_checkpoint
-from pipeline.checkpoints.layout import (CORRESPONDENCES, hf_to_open_clip, open_clip_to_hf,
+from pipeline.io import TensorSpec, open_checkpoint
+from pipeline.io.layout import (CORRESPONDENCES, hf_to_open_clip, open_clip_to_hf,
                                          table_keys)
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
 from pipeline.errors import InputError
 from pipeline.methods import get_method
-from pipeline.examples import finetune_like
-from pipeline.plan import build_units, unit_outputs
-from pipeline.tsv_c_artefact import expand_task
+from pipeline.bench.examples import finetune_like
+from pipeline.engine.plan import build_units, unit_outputs
+from pipeline.engine.expand import expand_task
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,10 +17,10 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from pipeline.checkpoints import open_checkpoint
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
-from pipeline.executors import RayExecutor
+from pipeline.io import open_checkpoint
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
+from pipeline.runtime.executors import RayExecutor
 from pipeline.methods import LINEAR_ALPHA_GRID, get_method, method_names, register
 from pipeline.methods.ties import TiesStatistics, reference_thresholds, ties
 

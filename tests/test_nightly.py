@@ -10,10 +10,10 @@ import re
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import InputError
-from pipeline.nightly import EXIT_REGRESSION, NightlyConfig, load_nightly_config, run_nightly
-from pipeline.results import MEAN, append_run, read_history
+from pipeline.history.nightly import EXIT_REGRESSION, NightlyConfig, load_nightly_config, run_nightly
+from pipeline.history.store import MEAN, append_run, read_history
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

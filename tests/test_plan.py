@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.checkpoints.layout import block_of, group_of, qkv_fusions
-from pipeline.checkpoints.reader import TensorSpec
-from pipeline.examples import VIT_SHAPES, vit_shapes
+from pipeline.io.layout import block_of, group_of, qkv_fusions
+from pipeline.io.reader import TensorSpec
+from pipeline.bench.examples import VIT_SHAPES, vit_shapes
 from pipeline.methods import get_method
-from pipeline.plan import pack_shards, plan_files
+from pipeline.engine.plan import pack_shards, plan_files
 
 
 def specs(layout="hf", shape="vit-b-32"):

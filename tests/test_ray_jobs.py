@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "ray_jobs"))
 
 from evaluate import evaluate_argv  # noqa: E402
-from pipeline.ray_job import job_argv  # noqa: E402
+from pipeline.cli.ray_job import job_argv  # noqa: E402
 
 
 def test_inside_a_ray_job_the_entrypoint_joins_the_cluster(monkeypatch):

@@ -21,8 +21,9 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pipeline import interrupts, ray_cluster
-from pipeline.checkpoints.output import StagedOutput
+from pipeline.runtime import interrupts
+from pipeline.runtime import ray_cluster
+from pipeline.io.output import StagedOutput
 from pipeline.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def _wait_for_staging(proc: subprocess.Popen, parent, limit: float = 90.0) -> st
 @pytest.fixture(scope="module")
 def slow_example(tmp_path_factory):
     """8 tasks at width 320: seconds of merging on one worker, long enough to interrupt."""
-    from pipeline.examples import VitShape, write_example
+    from pipeline.bench.examples import VitShape, write_example
     root = tmp_path_factory.mktemp("slow_example")
     return write_example(str(root), VitShape(width=320, layers=4, patch=16, image=64,
                                              output_dim=128), num_tasks=8)
@@ -158,7 +159,7 @@ NO_DISCOVERY = ("import sys, ray._private.services as s; "
                 "none = lambda: frozenset(); none.cache_clear = lambda: None; "
                 "s.find_gcs_addresses = none; "
                 "s.find_bootstrap_address = lambda temp_dir: None; "
-                "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+                "from pipeline.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 @pytest.mark.parametrize("address, env, names", [
@@ -396,7 +397,7 @@ def test_staged_output_leaves_the_telling_to_main(tmp_path, capsys):
 
 
 def test_startup_seconds_are_in_the_executor_info():
-    from pipeline.executors import LocalExecutor
+    from pipeline.runtime.executors import LocalExecutor
     assert LocalExecutor("cpu").info()["startup_s"] == 0.0
 
 

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from pipeline.checkpoints import open_checkpoint, write_safetensors
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
-from pipeline.examples import VIT_SHAPES, base_weights, finetune_like, vit_shapes
+from pipeline.io import open_checkpoint, write_safetensors
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
+from pipeline.bench.examples import VIT_SHAPES, base_weights, finetune_like, vit_shapes
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

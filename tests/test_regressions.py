@@ -8,8 +8,8 @@ import random
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.regressions import Thresholds, detect_regressions
-from pipeline.results import MEAN, make_table
+from pipeline.history.regressions import Thresholds, detect_regressions
+from pipeline.history.store import MEAN, make_table
 
 START = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.timezone.utc)
 METHODS = ("tsv_m", "iso_cts")

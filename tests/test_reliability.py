@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-from pipeline.checkpoints import SafetensorsFile, write_safetensors
-from pipeline.checkpoints import safetensors_io
-from pipeline.cli import main
-from pipeline.config import MergeConfig
-from pipeline.engine import run_merge
+from pipeline.io import SafetensorsFile, write_safetensors
+from pipeline.io import safetensors_io
+from pipeline.cli.main import main
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
 from pipeline.errors import CorruptFileError, InputError, OutputError
-from pipeline.verify import verify_output
+from pipeline.engine.verify import verify_output
 
 
 def valid_file_bytes(tmp_path) -> bytes:
@@ -78,7 +78,7 @@ def test_fuzzed_headers_give_a_clear_error_or_a_correct_read(tmp_path):
 
 @pytest.fixture
 def example(tmp_path):
-    from pipeline.examples import write_example
+    from pipeline.bench.examples import write_example
     return write_example(str(tmp_path / "inputs"), "tiny", num_tasks=2)
 
 
@@ -132,7 +132,7 @@ def test_verify_accepts_a_sound_output_and_names_what_is_wrong(example, tmp_path
 
 
 def test_nan_is_refused_by_the_input_scan_before_anything_is_written(example, tmp_path):
-    from pipeline.checkpoints import open_checkpoint
+    from pipeline.io import open_checkpoint
     bad = tmp_path / "bad"
     bad.mkdir()
     with open_checkpoint(example[1][0]) as ckpt:
@@ -142,7 +142,7 @@ def test_nan_is_refused_by_the_input_scan_before_anything_is_written(example, tm
     write_safetensors(str(bad / "model.safetensors"), weights)
     executor_calls = []
 
-    from pipeline.executors import LocalExecutor
+    from pipeline.runtime.executors import LocalExecutor
 
     class Recording(LocalExecutor):
         def map(self, fn, calls, desc=""):

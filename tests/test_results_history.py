@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from pipeline.errors import InputError, OutputError
-from pipeline.results import (HISTORY_SCHEMA, MEAN, append_run, make_table, new_run_id,
+from pipeline.history.store import (HISTORY_SCHEMA, MEAN, append_run, make_table, new_run_id,
                               read_history)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def test_a_writer_killed_mid_write_leaves_the_history_readable(tmp_path):
         import datetime as dt, os, signal, sys
         sys.path.insert(0, {REPO!r})
         import pyarrow.parquet as pq
-        from pipeline import results
+        from pipeline.history import store as results
         def dying_write(table, sink, **kw):
             sink.write(b"PAR1" + b"x" * 4096)
             sink.flush()

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..checkpoints.safetensors_io import SafetensorsFile
-from ..errors import InputError
+from pipeline.errors import InputError
+from pipeline.io.safetensors_io import SafetensorsFile
 
 
 @dataclass

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..checkpoints.reader import open_checkpoint
-from .vit import ClipVisionTower, VisionConfig, pixels_from_uint8
-from .weights import Weights, aligned, load_state, parameters
+from pipeline.io.reader import open_checkpoint
+from pipeline.models.vit import ClipVisionTower, VisionConfig, pixels_from_uint8
+from pipeline.models.weights import Weights, aligned, load_state, parameters
 
 # Fixed evaluation batch: shards are whole batches, so a shard's logits never depend on which
 # worker (or how many) computed it.

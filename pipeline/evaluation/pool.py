@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..errors import PipelineError
-from ..executors import _get, _progress, choose_device
-from .data import TaskData
-from .evaluator import EVAL_BATCH, Evaluator, Shard
-from .weights import Weights
+from pipeline.errors import PipelineError
+from pipeline.evaluation.data import TaskData
+from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, Shard
+from pipeline.models.weights import Weights
+from pipeline.runtime.executors import _get, _progress, choose_device
+from pipeline.runtime.ray_cluster import connect
 
 Request = tuple[Weights, str, str]  # (weights, task, split)
 SHARD_ROWS = 2 * EVAL_BATCH
@@ -45,7 +46,6 @@ class EvaluationPool:
             return
         import ray
 
-        from ..ray_cluster import connect
         self.cluster = connect(address)  # the same start-up as the merge executor's
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)

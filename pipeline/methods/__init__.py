@@ -1,10 +1,18 @@
 """Merge methods: pure tensor functions, registered by name. No Ray, no I/O."""
 
-from . import baselines, isotropic, ties, tsv  # noqa: F401  (registers the methods)
-from .apply import DEFAULT_EXCLUDE, compress_key, merge_key, task_mean
-from .linalg import numerics_log, svd
-from .registry import (LINEAR_ALPHA_GRID, SVD_ALPHA_GRID, MethodSpec, ModelStatistics,
-                       StatisticsState, get_method, method_names, register)
+from pipeline.methods import baselines, isotropic, ties, tsv  # noqa: F401  (registers the methods)
+from pipeline.methods.apply import DEFAULT_EXCLUDE, compress_key, merge_key, task_mean
+from pipeline.methods.linalg import numerics_log, svd
+from pipeline.methods.registry import (
+                       LINEAR_ALPHA_GRID,
+                       SVD_ALPHA_GRID,
+                       MethodSpec,
+                       ModelStatistics,
+                       StatisticsState,
+                       get_method,
+                       method_names,
+                       register,
+)
 
 __all__ = [
     "DEFAULT_EXCLUDE", "LINEAR_ALPHA_GRID", "SVD_ALPHA_GRID", "MethodSpec", "ModelStatistics",

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .registry import MethodSpec
+from pipeline.methods.registry import MethodSpec
 
 DEFAULT_EXCLUDE = ("text_projection",)
 

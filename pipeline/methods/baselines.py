@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import LINEAR_ALPHA_GRID, register
+from pipeline.methods.registry import LINEAR_ALPHA_GRID, register
 
 
 @register("average", "elementwise", fixed_alpha=lambda num_tasks: 1.0 / num_tasks)

@@ -12,9 +12,9 @@ from typing import Mapping
 
 import torch
 
-from ..errors import InputError
-from .linalg import polar_and_spectrum, top_svd, top_svd_and_complement
-from .registry import SVD_ALPHA_GRID, register
+from pipeline.errors import InputError
+from pipeline.methods.linalg import polar_and_spectrum, top_svd, top_svd_and_complement
+from pipeline.methods.registry import SVD_ALPHA_GRID, register
 
 
 def float64_sum(deltas: torch.Tensor) -> torch.Tensor:

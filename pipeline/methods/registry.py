@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Protocol
 
 import torch
 
-from ..errors import InputError
+from pipeline.errors import InputError
 
 Kind = Literal["matrix", "elementwise", "compress"]
 

@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
-from .registry import LINEAR_ALPHA_GRID, register
+from pipeline.errors import InputError
+from pipeline.methods.registry import LINEAR_ALPHA_GRID, register
 
 MERGE_FUNCS = ("mean", "sum", "max")
 DIGIT_BITS = 16

@@ -12,8 +12,8 @@ from typing import Mapping
 
 import torch
 
-from .linalg import polar_and_spectrum, top_svd
-from .registry import SVD_ALPHA_GRID, register
+from pipeline.methods.linalg import polar_and_spectrum, top_svd
+from pipeline.methods.registry import SVD_ALPHA_GRID, register
 
 
 def tsv_rank(rows: int, cols: int, num_tasks: int) -> int:

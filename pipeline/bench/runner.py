@@ -1,0 +1,274 @@
+"""The benchmark: build the suite, merge with each method, search alpha, report accuracies.
+
+Per method the merged task vector is computed once (`--output task_vector` of the merge
+engine); the alpha search only rescales it inside the evaluators. Rows are written as JSON
+(summary.json) and as a flat parquet table (one row per method x task x split), so nightly
+runs can be appended to a history and compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.bench.suites.build import ensure_suite
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import library_versions, run_merge
+from pipeline.engine.records import REPORT_SCHEMA_VERSION
+from pipeline.errors import InputError
+from pipeline.evaluation.data import TaskData, load_task
+from pipeline.evaluation.pool import EvaluationPool
+from pipeline.evaluation.search import absolute, normalized, select_alpha
+from pipeline.io.output import write_file_atomic, write_json_atomic
+from pipeline.methods.registry import MethodSpec, get_method
+from pipeline.models.weights import Weights
+from pipeline.runtime.executors import RayExecutor
+
+# TSV-C is a compression method (one rebuilt model per task), not a merge: not in the table.
+DEFAULT_METHODS = ("average", "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
+
+
+class TaskScore(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    absolute: float
+    normalized: float
+
+
+class MethodRow(BaseModel):
+    """One line of the benchmark table: a method (or a reference) at its chosen alpha."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alpha: float | None
+    absolute: float
+    normalized: float
+    per_task: dict[str, TaskScore]
+
+
+class MergeCost(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    params: dict[str, Any]
+    seconds: float
+    model_parameters: int
+    peak_rss_bytes: int | None
+
+
+class BenchSummary(BaseModel):
+    """`summary.json`: the benchmark's rows, sweeps and costs (read by history and nightly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = REPORT_SCHEMA_VERSION
+    suite: str
+    suite_dir: str
+    tasks: list[str]
+    num_tasks: int
+    rows: dict[str, MethodRow]
+    sweeps: dict[str, list[dict[str, Any]]]
+    merges: dict[str, MergeCost]
+    evaluation: dict[str, Any]
+    early_stop: bool
+    timings_s: dict[str, float]
+    versions: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+@dataclass
+class BenchOptions:
+    suite: str = "standard"
+    tasks: int | None = None
+    methods: Sequence[str] = DEFAULT_METHODS
+    out: str = "bench-out"
+    engine: str = "ray"
+    workers: int | None = None
+    address: str | None = None
+    device: str = "auto"
+    early_stop: bool = False
+    cache: str | None = None
+    overwrite: bool = False
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def suite_tasks(suite_dir: str, count: int | None) -> list[str]:
+    with open(os.path.join(suite_dir, "suite.json"), encoding="utf-8") as fh:
+        names = [t["name"] for t in json.load(fh)["tasks"]]
+    if count is None:
+        return names
+    if not 1 <= count <= len(names):
+        raise InputError(f"--tasks must be between 1 and {len(names)} for this suite, "
+                         f"got {count}")
+    return names[:count]
+
+
+def accuracies(pool: EvaluationPool, weights: Sequence[Weights], tasks: Sequence[str],
+               split: str, desc: str) -> list[dict[str, float]]:
+    """Per weights, per task accuracy on `split`; one pool call for everything."""
+    requests = [(w, t, split) for w in weights for t in tasks]
+    counts = iter(pool.counts(requests, desc))
+    return [{t: (lambda c: c[0] / c[1])(next(counts)) for t in tasks} for _ in weights]
+
+
+def reference_rows(pool: EvaluationPool, suite_dir: str, tasks: Sequence[str]
+                   ) -> dict[str, dict[str, dict[str, float]]]:
+    """Zero-shot (theta_0) and fine-tuned (theta_t on task t) accuracy, val and test."""
+    refs: dict[str, dict[str, dict[str, float]]] = {"zero_shot": {}, "finetuned": {}}
+    requests = [(Weights.base(), t, s) for s in ("val", "test") for t in tasks]
+    requests += [(Weights.model(os.path.join(suite_dir, "finetuned", t)), t, s)
+                 for s in ("val", "test") for t in tasks]
+    counts = pool.counts(requests, "references")
+    for (weights, task, split), (c, n) in zip(requests, counts):
+        row = "zero_shot" if weights.kind == "base" else "finetuned"
+        refs[row].setdefault(split, {})[task] = c / n
+    return refs
+
+
+def sweep_task_vector(pool: EvaluationPool, task_vector: str, tasks: Sequence[str],
+                      grid: Sequence[float], finetuned_val: dict[str, float],
+                      early_stop: bool) -> dict[str, Any]:
+    """Alpha search on validation, then one test evaluation at the chosen alpha."""
+    def validate(alphas: list[float]) -> list[dict[str, float]]:
+        return accuracies(pool, [Weights.delta(task_vector, a) for a in alphas], tasks, "val",
+                          f"sweep {len(alphas)} alpha(s)")
+    search = select_alpha(grid, validate, finetuned_val, early_stop, wave=pool.workers)
+    test = accuracies(pool, [Weights.delta(task_vector, search.alpha)], tasks, "test",
+                      f"test alpha={search.alpha:g}")[0]
+    return {"alpha": search.alpha, "test": test, "sweep": search.evaluated,
+            "stopped_early": search.stopped_early}
+
+
+def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchSummary:
+    t_start = time.perf_counter()
+    methods = [get_method(m) for m in options.methods]  # unknown names fail before any work
+    for m in methods:
+        if m.kind == "compress":
+            raise InputError(f"method {m.name!r} compresses per task; it has no merged model "
+                             f"to benchmark")
+    if os.path.exists(options.out) and not options.overwrite:
+        raise InputError(f"{options.out}: output already exists (pass --overwrite)")
+    executor = None
+    if options.engine == "ray":
+        executor = RayExecutor(options.address, options.workers, device=options.device)
+    suite_dir = ensure_suite(options.suite, options.cache, executor, log)
+    tasks = suite_tasks(suite_dir, options.tasks)
+    timings: dict[str, float] = {}
+    # Merges first, then the actors: evaluation actors hold their CPUs/GPUs for their whole
+    # life, and merge tasks queued behind them would wait forever on a small cluster.
+    task_vectors, merges = _merge_methods(options, methods, suite_dir, tasks, executor, timings)
+    data: dict[str, TaskData] = {t: load_task(os.path.join(suite_dir, "tasks"), t,
+                                              ("val", "test")) for t in tasks}
+    pool = EvaluationPool(os.path.join(suite_dir, "pretrained"), data, options.engine,
+                          options.workers, options.device, address=options.address)
+    try:
+        rows, sweeps = _sweep_methods(pool, options, methods, suite_dir, tasks, task_vectors,
+                                      timings, log)
+    finally:
+        pool.close()
+    timings["total"] = time.perf_counter() - t_start
+    summary = BenchSummary(suite=options.suite, suite_dir=suite_dir, tasks=tasks,
+                           num_tasks=len(tasks), rows=rows, sweeps=sweeps, merges=merges,
+                           evaluation=pool.describe(), early_stop=options.early_stop,
+                           timings_s=timings, versions=library_versions())
+    write_results(options.out, summary)
+    return summary
+
+
+def _merge_methods(options: BenchOptions, methods: list[MethodSpec], suite_dir: str,
+                   tasks: list[str], executor, timings: dict[str, float]
+                   ) -> tuple[dict[str, str], dict[str, MergeCost]]:
+    """Each method's merged task vector (computed once; the sweep only rescales it)."""
+    base = os.path.join(suite_dir, "pretrained")
+    finetuned = [os.path.join(suite_dir, "finetuned", t) for t in tasks]
+    task_vectors, merges = {}, {}
+    for method in methods:
+        t0 = time.perf_counter()
+        task_vectors[method.name] = os.path.join(options.out, "task_vectors", method.name)
+        report = run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
+                                       out=task_vectors[method.name], output="task_vector",
+                                       engine=options.engine, workers=options.workers,
+                                       address=options.address, device=options.device,
+                                       overwrite=True,
+                                       params=options.params.get(method.name, {})),
+                           executor=executor)
+        timings[f"merge_{method.name}"] = time.perf_counter() - t0
+        merges[method.name] = MergeCost(params=report.params,
+                                        seconds=timings[f"merge_{method.name}"],
+                                        model_parameters=report.model.parameters,
+                                        peak_rss_bytes=report.engine.peak_worker_rss_bytes)
+    return task_vectors, merges
+
+
+def _sweep_methods(pool: EvaluationPool, options: BenchOptions, methods: list[MethodSpec],
+                   suite_dir: str, tasks: list[str], task_vectors: dict[str, str],
+                   timings: dict[str, float], log: Callable[[str], None]
+                   ) -> tuple[dict[str, MethodRow], dict[str, list[dict[str, Any]]]]:
+    """The reference rows, then each method at the alpha its validation sweep chooses."""
+    t0 = time.perf_counter()
+    refs = reference_rows(pool, suite_dir, tasks)
+    timings["references"] = time.perf_counter() - t0
+    ft_val, ft_test = refs["finetuned"]["val"], refs["finetuned"]["test"]
+    rows = {name: _row(refs[name]["test"], ft_test, None) for name in refs}
+    sweeps = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        grid = (method.fixed_alpha(len(tasks)),) if method.fixed_alpha else method.alpha_grid
+        result = sweep_task_vector(pool, task_vectors[method.name], tasks, grid, ft_val,
+                                   options.early_stop)
+        rows[method.name] = _row(result["test"], ft_test, result["alpha"])
+        sweeps[method.name] = result["sweep"]
+        timings[f"sweep_{method.name}"] = time.perf_counter() - t0
+        log(f"  {method.name}: alpha={result['alpha']:g}  "
+            f"normalized {100 * rows[method.name].normalized:.1f}%  "
+            f"absolute {100 * rows[method.name].absolute:.1f}%  "
+            f"(merge {timings[f'merge_{method.name}']:.0f} s, "
+            f"sweep {timings[f'sweep_{method.name}']:.0f} s)")
+    return rows, sweeps
+
+
+def _row(test: dict[str, float], ft_test: dict[str, float], alpha: float | None) -> MethodRow:
+    return MethodRow(alpha=alpha, absolute=absolute(test), normalized=normalized(test, ft_test),
+                     per_task={t: TaskScore(absolute=a, normalized=a / ft_test[t])
+                               for t, a in test.items()})
+
+
+def summary_table(summary: BenchSummary) -> pa.Table:
+    """One row per (method, task) plus each method's mean row (task = "mean")."""
+    cols: dict[str, list] = {k: [] for k in ("suite", "num_tasks", "method", "alpha", "task",
+                                             "absolute", "normalized")}
+    for method, row in summary.rows.items():
+        entries = [(t, v.absolute, v.normalized) for t, v in row.per_task.items()]
+        entries.append(("mean", row.absolute, row.normalized))
+        for task, acc, norm in entries:
+            for k, v in zip(cols, (summary.suite, summary.num_tasks, method, row.alpha, task,
+                                   acc, norm)):
+                cols[k].append(v)
+    return pa.table(cols)
+
+
+def format_table(summary: BenchSummary) -> str:
+    """Markdown: one line per method, accuracy per task (absolute / normalised, %)."""
+    head = ["method", "alpha", "abs", "norm"] + summary.tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in summary.rows.items():
+        alpha = "-" if row.alpha is None else f"{row.alpha:.3g}"
+        cells = [method, alpha, f"{100 * row.absolute:.1f}", f"{100 * row.normalized:.1f}"]
+        cells += [f"{100 * row.per_task[t].absolute:.1f} / "
+                  f"{100 * row.per_task[t].normalized:.0f}" for t in summary.tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: str, summary: BenchSummary) -> None:
+    os.makedirs(out, exist_ok=True)
+    text = summary.to_json()
+    write_file_atomic(os.path.join(out, "summary.json"), lambda fh: fh.write(text.encode()))
+    write_file_atomic(os.path.join(out, "summary.parquet"),
+                      lambda fh: pq.write_table(summary_table(summary), fh))
+    table = format_table(summary) + "\n"
+    write_file_atomic(os.path.join(out, "summary.md"), lambda fh: fh.write(table.encode()))

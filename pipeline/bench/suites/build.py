@@ -1,0 +1,211 @@
+"""Build (or find in the cache) a benchmark suite: data, pre-trained model, heads, and one
+fine-tuned checkpoint per task, laid out as Hugging Face CLIP vision directories.
+
+Layout of a built suite directory:
+    suite.json                  the spec it was built from, task descriptions, build timings
+    pretrained/                 config.json + model.safetensors (theta_0)
+    finetuned/<task>/           config.json + model.safetensors (theta_t)
+    tasks/<task>.safetensors    head (C x projection_dim), {train,val,test}.images (uint8),
+                                {train,val,test}.labels; metadata: classes, logit_scale
+
+The directory name carries a digest of the spec, so a changed spec never reuses a stale build,
+and it appears atomically (built in a staging directory, then renamed), so concurrent builders
+or an interrupted build never leave a half-built suite where a reader could take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.bench.suites import training
+from pipeline.bench.suites.tasks import SPLITS, TASKS, make_split
+from pipeline.errors import InputError
+from pipeline.evaluation.data import load_task
+from pipeline.io.output import StagedOutput, write_json_atomic
+from pipeline.io.reader import open_checkpoint
+from pipeline.io.safetensors_io import write_safetensors
+from pipeline.models.vit import ClipVisionTower, VisionConfig, init_clip_weights
+from pipeline.models.weights import load_state, parameters
+from pipeline.runtime.executors import LocalExecutor
+
+# Bump when the meaning of a spec changes (generators, training code), to invalidate caches.
+SUITE_FORMAT = 2  # 2: built with transformers' CLIPVisionModelWithProjection
+# Training runs with fixed thread counts so that a build is reproducible on a machine:
+# pre-training in the driver, fine-tuning in one (parallel) job per task.
+PRETRAIN_THREADS = 2
+FINETUNE_THREADS = 1
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    tasks: tuple[str, ...]
+    model: VisionConfig
+    sizes: tuple[int, int, int]  # examples per split (train, val, test); real data may have fewer
+    pretrain_steps: int
+    finetune_steps: int
+    batch: int = 128
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 2e-4
+    logit_scale: float = 100.0  # CLIP's (learned, then clamped) temperature
+    seed: int = 0
+
+    def digest(self) -> str:
+        raw = json.dumps({"format": SUITE_FORMAT, "threads": [PRETRAIN_THREADS, FINETUNE_THREADS],
+                          **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+# Eight tasks for the papers' T=8 setting come first; the rest extend it to T=12.
+_STANDARD_TASKS = ("digits", "textures", "shapes", "counting", "orientation", "glyphs", "hue",
+                   "symmetry", "faces", "photos", "position", "roughness")
+
+SUITES: dict[str, SuiteSpec] = {
+    "standard": SuiteSpec(
+        name="standard", tasks=_STANDARD_TASKS,
+        model=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                           num_attention_heads=4, image_size=32, patch_size=8,
+                           projection_dim=64),
+        sizes=(1500, 300, 600), pretrain_steps=800, finetune_steps=150, finetune_lr=1e-3),
+    "tiny": SuiteSpec(
+        name="tiny", tasks=("digits", "shapes", "orientation", "hue"),
+        model=VisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8,
+                           projection_dim=32),
+        sizes=(400, 150, 300), pretrain_steps=150, finetune_steps=50, batch=64,
+        finetune_lr=5e-4),
+}
+
+
+def cache_root() -> str:
+    return os.environ.get("MERGE_PIPELINE_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "merge-pipeline"))
+
+
+def suite_dir(spec: SuiteSpec, root: str | None = None) -> str:
+    return os.path.join(root or cache_root(), "suites", f"{spec.name}-{spec.digest()}")
+
+
+def get_spec(name: str) -> SuiteSpec:
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise InputError(f"unknown suite {name!r}; built-in suites: "
+                         f"{', '.join(sorted(SUITES))}") from None
+
+
+def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
+                 log=print) -> str:
+    """The directory of a built suite: a path to one, or a built-in name (built if needed)."""
+    if os.path.isfile(os.path.join(name_or_dir, "suite.json")):
+        return name_or_dir
+    spec = get_spec(name_or_dir)
+    final = suite_dir(spec, root)
+    if os.path.isfile(os.path.join(final, "suite.json")):
+        return final
+    log(f"building suite {spec.name!r} ({len(spec.tasks)} tasks) into {final}")
+    try:
+        build_suite(spec, final, executor, log)
+    except InputError as exc:
+        if os.path.isfile(os.path.join(final, "suite.json")):  # a concurrent builder won
+            return final
+        raise exc
+    return final
+
+
+def save_model(model: ClipVisionTower, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in parameters(model).items()}
+    write_safetensors(os.path.join(directory, "model.safetensors"), state)
+    write_json_atomic(os.path.join(directory, "config.json"), model.vision_config.to_hf_dict())
+
+
+def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[str, Any]:
+    executor = executor or LocalExecutor("cpu")
+    threads = torch.get_num_threads()
+    timings: dict[str, float] = {}
+    with StagedOutput(final) as out:
+        torch.set_num_threads(PRETRAIN_THREADS)
+        try:
+            t0 = time.perf_counter()
+            data = {t: {s: make_split(t, s, n, spec.seed, spec.model.image_size)
+                        for s, n in zip(SPLITS, spec.sizes)} for t in spec.tasks}
+            timings["data"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            model = ClipVisionTower(spec.model)
+            init_clip_weights(model, spec.seed)
+            losses = training.pretrain(model, [data[t]["train"][0] for t in spec.tasks],
+                                       spec.pretrain_steps, spec.batch, spec.pretrain_lr,
+                                       spec.seed)
+            save_model(model, out.file("pretrained"))
+            timings["pretrain"] = time.perf_counter() - t0
+            log(f"  pre-trained {spec.pretrain_steps} steps in {timings['pretrain']:.0f} s "
+                f"(loss {losses[0]:.2f} -> {np.mean(losses[-20:]):.2f})")
+
+            t0 = time.perf_counter()
+            os.makedirs(out.file("tasks"))
+            for t in spec.tasks:
+                images, labels = data[t]["train"]
+                head = training.zero_shot_head(model, images, labels, len(TASKS[t].classes))
+                _write_task(out.file(f"tasks/{t}.safetensors"), t, head, spec.logit_scale,
+                            data[t])
+            timings["heads"] = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+
+        t0 = time.perf_counter()
+        results = executor.map(finetune_task, [(out.path, spec, t) for t in spec.tasks],
+                               desc="fine-tune")
+        timings["finetune"] = time.perf_counter() - t0
+        log(f"  fine-tuned {len(spec.tasks)} tasks x {spec.finetune_steps} steps in "
+            f"{timings['finetune']:.0f} s")
+        meta = {"name": spec.name, "digest": spec.digest(), "format": SUITE_FORMAT,
+                "spec": dataclasses.asdict(spec),
+                "tasks": [{"name": t, "classes": list(TASKS[t].classes),
+                           "source": TASKS[t].source,
+                           "examples": {s: int(len(data[t][s][1])) for s in SPLITS},
+                           "finetune_final_loss": r["final_loss"]}
+                          for t, r in zip(spec.tasks, results)],
+                "timings_s": timings}
+        out.write_json("suite.json", meta)
+        out.commit()
+    return meta
+
+
+def finetune_task(staging: str, spec: SuiteSpec, task: str) -> dict[str, float]:
+    """One fine-tuning job (a Ray task when the executor is Ray): theta_0 -> theta_task."""
+    torch.set_num_threads(FINETUNE_THREADS)
+    model = load_model(os.path.join(staging, "pretrained"))
+    data = load_task(os.path.join(staging, "tasks"), task, splits=("train",))
+    seed = spec.seed * 1000 + spec.tasks.index(task) + 1
+    losses = training.finetune(model, data.head, data.logit_scale, *data.splits["train"],
+                               spec.finetune_steps, spec.batch, spec.finetune_lr, seed)
+    save_model(model, os.path.join(staging, "finetuned", task))
+    return {"final_loss": float(np.mean(losses[-10:]))}
+
+
+def load_model(directory: str) -> ClipVisionTower:
+    model = ClipVisionTower(VisionConfig.from_model_dir(directory))
+    with open_checkpoint(directory) as ckpt:
+        load_state(model, {k: ckpt.read(k) for k in ckpt.keys()}, directory)
+    return model
+
+
+def _write_task(path: str, task: str, head: torch.Tensor, logit_scale: float,
+                splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    tensors = {"head": head.float().contiguous()}
+    for split, (images, labels) in splits.items():
+        tensors[f"{split}.images"] = torch.from_numpy(np.ascontiguousarray(images))
+        tensors[f"{split}.labels"] = torch.from_numpy(np.ascontiguousarray(labels))
+    write_safetensors(path, tensors, {"task": task, "logit_scale": repr(logit_scale),
+                                      "classes": json.dumps(list(TASKS[task].classes))})

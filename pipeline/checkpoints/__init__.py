@@ -1,9 +1,0 @@
-"""Checkpoint I/O: lazy readers for every accepted layout, a streaming writer, atomic outputs."""
-
-from .compat import check_compatible
-from .output import StagedOutput, write_json_atomic
-from .reader import Checkpoint, TensorSpec, open_checkpoint
-from .safetensors_io import SafetensorsFile, write_safetensors, write_stream
-
-__all__ = ["Checkpoint", "SafetensorsFile", "StagedOutput", "TensorSpec", "check_compatible",
-           "open_checkpoint", "write_json_atomic", "write_safetensors", "write_stream"]

@@ -1,0 +1,1 @@
+"""`merge-pipeline` and the Ray Jobs entrypoints: argument parsing and printing only."""

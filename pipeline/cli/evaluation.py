@@ -1,0 +1,204 @@
+"""The evaluation subcommands of `merge-pipeline`: suite, evaluate, sweep, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from pipeline.cli.ops import add_cache_option, add_history_option, record
+from pipeline.engine.config import ClusterOptions, add_options, cluster_options
+from pipeline.errors import InputError
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    add_options(p, ClusterOptions)
+    add_cache_option(p)
+
+
+def _add_recording_options(p: argparse.ArgumentParser) -> None:
+    _add_cluster_options(p)
+    add_history_option(p)
+
+
+def _add_suite_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default="standard",
+                   help="built-in suite name (standard, tiny) or a built suite's directory")
+    p.add_argument("--tasks", type=int, help="use the suite's first N tasks (default: all)")
+
+
+def add_parsers(sub: Any) -> None:
+    suite = sub.add_parser("suite", help="build (or find in the cache) a benchmark suite and "
+                                         "print its directory")
+    _add_suite_options(suite)
+    _add_cluster_options(suite)
+    suite.set_defaults(func=cmd_suite)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy of a model on a suite's tasks")
+    _add_suite_options(evaluate)
+    evaluate.add_argument("--model", help="a CLIP vision model directory (default: the suite's "
+                                          "pre-trained model)")
+    evaluate.add_argument("--task-vector", help="evaluate theta_0 + alpha * this task vector")
+    evaluate.add_argument("--alpha", type=float, default=1.0)
+    evaluate.add_argument("--split", choices=["val", "test"], default="test")
+    evaluate.add_argument("--json", help="also write the result to this JSON file")
+    _add_recording_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    sweep = sub.add_parser("sweep", help="alpha search for a merged task vector "
+                                         "(validation), then test at the chosen alpha")
+    _add_suite_options(sweep)
+    sweep.add_argument("--task-vector", required=True,
+                       help="output of `merge --output task_vector` on the suite's checkpoints")
+    sweep.add_argument("--method", help="take the method's grid (default grid: 0.1..3.0)")
+    sweep.add_argument("--grid", help="comma-separated alphas instead of the method's grid")
+    sweep.add_argument("--early-stop", action="store_true",
+                       help="stop after 3 alphas without a better mean validation accuracy")
+    sweep.add_argument("--json", help="also write the result to this JSON file")
+    _add_recording_options(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    bench = sub.add_parser("bench", help="build the suite, merge with each method, search "
+                                         "alpha, write summary.json/.parquet/.md")
+    _add_suite_options(bench)
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated (default: average,task_arithmetic,ties,tsv_m,"
+                            "iso_c,iso_cts)")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--early-stop", action="store_true")
+    bench.add_argument("--overwrite", action="store_true")
+    bench.add_argument("--param", action="append", default=[], metavar="METHOD:NAME=VALUE",
+                       help="a method parameter, e.g. iso_cts:common_space_fraction=0.8")
+    _add_recording_options(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
+def _executor(cluster: ClusterOptions):
+    if cluster.actor_engine != "ray":
+        return None
+    from pipeline.runtime.executors import RayExecutor
+    return RayExecutor(cluster.address, cluster.workers, device=cluster.device)
+
+
+def _pool_for(cluster: ClusterOptions, suite_dir: str, tasks: list[str],
+              splits: tuple[str, ...]):
+    from pipeline.evaluation.data import load_task
+    from pipeline.evaluation.pool import EvaluationPool
+    data = {t: load_task(os.path.join(suite_dir, "tasks"), t, splits) for t in tasks}
+    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, cluster.actor_engine,
+                          cluster.workers, cluster.device, address=cluster.address)
+
+
+def _suite(args, cluster: ClusterOptions) -> tuple[str, list[str]]:
+    from pipeline.bench.runner import suite_tasks
+    from pipeline.bench.suites.build import ensure_suite
+    suite_dir = ensure_suite(args.suite, args.cache, _executor(cluster))
+    return suite_dir, suite_tasks(suite_dir, args.tasks)
+
+
+def cmd_suite(args) -> int:
+    suite_dir, tasks = _suite(args, cluster_options(vars(args)))
+    print(suite_dir)
+    print(f"tasks: {', '.join(tasks)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.bench.runner import accuracies, reference_rows
+    from pipeline.evaluation.search import absolute, normalized
+    from pipeline.models.weights import Weights
+    cluster = cluster_options(vars(args))
+    if args.model and args.task_vector:
+        raise InputError("give --model or --task-vector (with --alpha), not both")
+    weights = (Weights.model(args.model) if args.model else
+               Weights.delta(args.task_vector, args.alpha) if args.task_vector else
+               Weights.base())
+    suite_dir, tasks = _suite(args, cluster)
+    pool = _pool_for(cluster, suite_dir, tasks, ("val", "test"))
+    t0 = time.perf_counter()
+    try:
+        acc = accuracies(pool, [weights], tasks, args.split, "evaluate")[0]
+        finetuned = reference_rows(pool, suite_dir, tasks)["finetuned"][args.split]
+    finally:
+        pool.close()
+    result = {"weights": weights.describe(), "split": args.split, "accuracy": acc,
+              "absolute": absolute(acc), "normalized": normalized(acc, finetuned),
+              "finetuned": finetuned}
+    for t in tasks:
+        print(f"{t:14s} {100 * acc[t]:6.1f}%   (fine-tuned {100 * finetuned[t]:.1f}%)")
+    print(f"{'mean':14s} {100 * result['absolute']:6.1f}%   normalized "
+          f"{100 * result['normalized']:.1f}%")
+    _maybe_write(args.json, result)
+    from pipeline.history.rows import evaluation_rows
+    record(args.history, "evaluate", lambda ctx: evaluation_rows(
+        ctx, args.suite, suite_dir, weights.describe(), args.split,
+        args.alpha if args.task_vector else None, acc, finetuned, time.perf_counter() - t0))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pipeline.bench.runner import reference_rows, sweep_task_vector
+    from pipeline.evaluation.search import normalized
+    from pipeline.methods.registry import SVD_ALPHA_GRID, get_method
+    if args.grid:
+        try:
+            grid = tuple(float(a) for a in args.grid.split(","))
+        except ValueError:
+            raise InputError(f"--grid must be comma-separated numbers, got {args.grid!r}") from None
+        if any(not 0 < a < float("inf") for a in grid):
+            raise InputError("--grid alphas must be finite and > 0")
+    else:
+        grid = get_method(args.method).alpha_grid if args.method else SVD_ALPHA_GRID
+        if not grid:
+            raise InputError(f"method {args.method!r} fixes alpha; nothing to sweep")
+    cluster = cluster_options(vars(args))
+    suite_dir, tasks = _suite(args, cluster)
+    pool = _pool_for(cluster, suite_dir, tasks, ("val", "test"))
+    t0 = time.perf_counter()
+    try:
+        refs = reference_rows(pool, suite_dir, tasks)
+        result = sweep_task_vector(pool, args.task_vector, tasks, grid,
+                                   refs["finetuned"]["val"], args.early_stop)
+    finally:
+        pool.close()
+    result["test_normalized"] = normalized(result["test"], refs["finetuned"]["test"])
+    print(f"chosen alpha {result['alpha']:g} (of {len(result['sweep'])} evaluated); test "
+          f"normalized accuracy {100 * result['test_normalized']:.1f}%")
+    _maybe_write(args.json, result)
+    from pipeline.history.rows import evaluation_rows
+    record(args.history, "sweep", lambda ctx: evaluation_rows(
+        ctx, args.suite, suite_dir, args.method or args.task_vector, "test", result["alpha"],
+        result["test"], refs["finetuned"]["test"], time.perf_counter() - t0))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
+    from pipeline.engine.config import parse_params
+    params: dict[str, dict[str, Any]] = {}
+    for item in args.param:
+        method, sep, assignment = item.partition(":")
+        if not sep:
+            raise InputError(f"--param must look like METHOD:NAME=VALUE, got {item!r}")
+        params.setdefault(method, {}).update(parse_params([assignment]))
+    methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
+    cluster = cluster_options(vars(args))
+    summary = run_bench(BenchOptions(
+        suite=args.suite, tasks=args.tasks, methods=methods, out=args.out,
+        engine=cluster.actor_engine, workers=cluster.workers, address=cluster.address,
+        device=cluster.device,
+        early_stop=args.early_stop, cache=args.cache, overwrite=args.overwrite, params=params))
+    print(format_table(summary))
+    print(f"wrote {args.out}/summary.json, summary.parquet, summary.md "
+          f"({summary.timings_s['total']:.0f} s)")
+    from pipeline.history.rows import bench_rows
+    record(args.history, "bench", lambda ctx: bench_rows(ctx, summary))
+    return 0
+
+
+def _maybe_write(path: str | None, result: dict) -> None:
+    if path:
+        from pipeline.io.output import write_json_atomic
+        write_json_atomic(path, result)
+        print(f"wrote {path}")

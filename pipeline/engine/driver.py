@@ -1,0 +1,482 @@
+"""The driver: validate, plan, run shards on an executor, assemble the output atomically.
+
+The driver holds headers, plans and manifests, never tensors: every tensor is read, merged and
+written by the shard that owns it (`merge.run_shard`). The output directory appears only when
+complete (`StagedOutput`), with an index, the base's `config.json` and a `merge_report.json`
+that says what was done, with what, how fast, and which numerical fallbacks were needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipeline import __version__
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.plan import (
+    MergeUnit,
+    OutputMode,
+    PlannedFile,
+    Shard,
+    build_units,
+    file_names,
+    pack_shards,
+    plan_files,
+)
+from pipeline.engine.records import (
+    DtypesRecord,
+    EngineRecord,
+    FileRecord,
+    MergeReport,
+    ModelSize,
+    NumericsRecord,
+    OutputFile,
+    ShardManifest,
+    ShardRecord,
+    TensorLayout,
+    WrittenFile,
+)
+from pipeline.engine.worker import Fault, MergeSettings, ShardJob, run_shard, shard_statistics
+from pipeline.errors import InputError, OutputError, PipelineError
+from pipeline.io import StagedOutput, check_compatible, open_checkpoint
+from pipeline.io.output import REPORT_NAME, done_marker, prepare_output
+from pipeline.io.reader import Checkpoint
+from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size
+from pipeline.io.scan import describe_file, scan_file
+from pipeline.io.storage import canonical, output_directory
+from pipeline.methods import MethodSpec, get_method
+from pipeline.runtime.executors import make_executor
+
+COMPUTE_DTYPES = {"float32": "F32", "float64": "F64"}
+# Bumped whenever the same options give different bytes (2: HF projections merged in the
+# open_clip orientation), so --resume never reuses files of an older layout.
+RUN_FORMAT = 2
+# Shards per worker: more, smaller shards balance better and give the progress bar something
+# to count; fewer re-open the checkpoints less often.
+SHARDS_PER_WORKER = 4
+INDEX_NAMES = {"model": "model.safetensors.index.json",
+               "task_vector": "task_vector.safetensors.index.json",
+               "compressed": "tsv_c.safetensors.index.json"}
+
+
+# Below this many estimated single-thread seconds of work, `--engine auto` merges in-process:
+# starting and stopping the embedded Ray cluster costs more than its second worker saves
+# (measured in benchmarks/merge_bench.py; see the README).
+AUTO_RAY_ABOVE_S = 30.0
+
+
+def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) -> MergeReport:
+    """Merge as `config` says and return the merge report (also written to the output).
+
+    Every check that needs no tensor bytes (options, output location, headers, free space,
+    the cluster) runs before the first tensor byte is read: `_prepare` reads none.
+    """
+    run = _prepare(config, executor)
+    inputs = None
+    if config.scan_inputs:  # before anything is written: a bad input leaves no trace
+        with run.clock("scan_inputs"):
+            inputs = _describe_inputs(run.executor, run.base, run.tuned)
+    with StagedOutput(config.out, overwrite=config.overwrite,
+                      run_key=_run_key(config, run.settings, inputs), resume=config.resume) as out:
+        reused = _verified_files(out.path, run.files) if out.resumed else {}
+        plan = ShardPlan(run.files, [f for f in run.files if f.name not in reused], run.base,
+                         run.tuned, run.settings, run.method, out.path, run.executor.workers)
+        statistics = _model_statistics(run.executor, plan, run.clock)
+        with run.clock("merge"):
+            shards, manifests = _run_shards(run.executor, plan, statistics, fault)
+        written = _write_index(out, run.settings.mode, run.files,
+                               [f for m in manifests for f in m.files] + list(reused.values()))
+        metadata_files = _write_metadata(out, run.settings.mode, config, run.specs,
+                                         run.settings, run.base)
+        run.clock.stop()
+        report = _report(run, inputs, statistics, written, metadata_files, shards, manifests,
+                         sorted(reused))
+        out.write_text(REPORT_NAME, report.to_json())
+        out.commit()
+    return report
+
+
+@dataclass
+class _Prepared:
+    """A merge ready to run: validated, planned, its executor started; no tensor read yet."""
+
+    config: MergeConfig
+    clock: Clock
+    method: MethodSpec
+    settings: MergeSettings
+    base: Checkpoint
+    tuned: list[Checkpoint]
+    specs: dict[str, Any]
+    files: list[PlannedFile]
+    executor: Any
+    engine_choice: str
+
+
+def _prepare(config: MergeConfig, executor) -> _Prepared:
+    clock = Clock()
+    method = get_method(config.method)
+    params = method.resolve_params(config.params)
+    mode: OutputMode = "compressed" if method.kind == "compress" else config.output  # type: ignore
+    alpha = method.alpha_for(len(config.finetuned), config.alpha) if mode == "model" else 1.0
+    sources = [config.base, *config.finetuned]
+    _check_distinct_locations(sources)
+    prepare_output(config.out, config.overwrite, sources)
+    with clock("validate_and_plan"):
+        base, tuned, specs = _open_inputs(config)
+        files = plan_files(specs, method, len(tuned), mode=mode,
+                           compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+                           output_dtype=_dtype_name(config.output_dtype),
+                           fuse_qkv=config.fuse_qkv, exclude=config.exclude,
+                           max_file_bytes=config.max_shard_bytes)
+    _check_free_space(config.out, files)
+    with clock("executor_start"):
+        executor, engine_choice = _executor_for(config, files, executor)
+    settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
+                             exclude=tuple(config.exclude),
+                             compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+                             device=executor.device, threads=config.threads)
+    return _Prepared(config, clock, method, settings, base, tuned, specs, files, executor,
+                     engine_choice)
+
+
+def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str, Any],
+            written: list[OutputFile], metadata_files: list[FileRecord], shards: list[Shard],
+            manifests: list[ShardManifest], reused: list[str]) -> MergeReport:
+    config, settings = run.config, run.settings
+    return MergeReport(
+        run_id=uuid.uuid4().hex, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        method=run.method.name, params=settings.params,
+        alpha=settings.alpha if settings.mode == "model" else None,
+        alpha_grid=list(run.method.alpha_grid), output=settings.mode,
+        num_tasks=len(run.tuned), options=_options(config), statistics=statistics,
+        inputs=inputs or _locations(config), outputs=written, metadata_files=metadata_files,
+        model=ModelSize(tensors=len(run.specs),
+                        parameters=sum(math.prod(s.shape) for s in run.specs.values())),
+        versions=library_versions(),
+        timings_s={k: round(v, 4) for k, v in run.clock.seconds.items()},
+        engine=_engine_record(run.executor, run.engine_choice, shards, manifests),
+        numerics=_numerics(manifests), resumed_files=reused,
+        dtypes=_dtypes(run.base, run.tuned, config, run.files))
+
+
+def _options(config: MergeConfig) -> dict[str, Any]:
+    return {"exclude": list(config.exclude), "compute_dtype": config.compute_dtype,
+            "threads": config.threads, "fuse_qkv": config.fuse_qkv,
+            "max_shard_size": config.max_shard_size}
+
+
+def _locations(config: MergeConfig) -> dict[str, Any]:
+    """The report's inputs when they were not scanned: where they were, no checksums."""
+    return {"base": {"location": config.base},
+            "finetuned": [{"location": p} for p in config.finetuned]}
+
+
+def _numerics(manifests: list[ShardManifest]) -> NumericsRecord:
+    return NumericsRecord(fallbacks=[e for m in manifests for e in m.numerics],
+                          svd_seconds=round(sum(m.seconds.svd for m in manifests), 4),
+                          svd_calls=sum(m.svd_calls for m in manifests))
+
+
+def _engine_record(executor, chosen: str, shards: list[Shard],
+                   manifests: list[ShardManifest]) -> EngineRecord:
+    records = [ShardRecord(index=s.index, files=[f.name for f in s.files], units=m.units,
+                           cost_estimate_s=m.cost_estimate_s, node=m.node, pid=m.pid,
+                           device=m.device, bytes_read=m.bytes_read, seconds=m.seconds,
+                           svd_calls=m.svd_calls, peak_rss_bytes=m.peak_rss_bytes)
+               for s, m in zip(shards, manifests)]
+    # Workers are reused across shards: the largest lifetime peak bounds each.
+    peak = max((m.peak_rss_bytes for m in manifests), default=None)
+    return EngineRecord(**executor.info(), host=platform.node(), chosen=chosen,
+                        shards=records, peak_worker_rss_bytes=peak)
+
+
+class Clock:
+    """Named wall-clock spans of one run, for the report's `timings_s`."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self._start
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the executor runs: the planned files, those still to write, and where."""
+
+    files: list[PlannedFile]
+    todo: list[PlannedFile]
+    base: Checkpoint
+    tuned: list[Checkpoint]
+    settings: MergeSettings
+    method: MethodSpec
+    out_dir: str
+    workers: int
+
+    def jobs(self, files: list[PlannedFile], statistics: dict[str, Any] | None = None,
+             fault: Fault | None = None) -> tuple[list[Shard], list[ShardJob]]:
+        shards = pack_shards(files, self.workers * SHARDS_PER_WORKER) if files else []
+        return shards, [ShardJob(shard, self.base.location,
+                                 tuple(c.location for c in self.tuned), self.settings,
+                                 self.method, self.out_dir, statistics or {}, fault)
+                        for shard in shards]
+
+
+def _open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any]]:
+    """Headers only: the checkpoints (closed again; their locations and specs stay known)."""
+    base = open_checkpoint(config.base)
+    tuned = [open_checkpoint(path) for path in config.finetuned]
+    try:
+        specs = check_compatible(base, tuned)
+        for ckpt in tuned:
+            ckpt.specs()  # cache every header now: the report lists each input's dtypes
+    finally:
+        for ckpt in [base, *tuned]:
+            ckpt.close()
+    return base, tuned, specs
+
+
+def _executor_for(config: MergeConfig, files: list[PlannedFile], given) -> tuple[Any, str]:
+    """The executor, and why it was chosen (recorded in the report)."""
+    if given is not None:
+        return given, "given by the caller"
+    engine, why = config.engine, f"--engine {config.engine}"
+    if engine == "auto":
+        work = sum(f.cost for f in files)
+        if config.address:
+            engine, why = "ray", f"auto: joining the Ray cluster at {config.address}"
+        elif work < AUTO_RAY_ABOVE_S:
+            engine, why = "local", (f"auto: small merge (about {work:.0f} s of work, under "
+                                    f"{AUTO_RAY_ABOVE_S:.0f} s), in-process beats starting Ray")
+        else:
+            engine, why = "ray", (f"auto: large merge (about {work:.0f} s of work), split "
+                                  f"across an embedded Ray cluster")
+    executor = make_executor(engine, config.address, config.workers, config.threads,
+                             config.device, config.gpus_per_task)
+    return executor, why
+
+
+def _model_statistics(executor, plan: ShardPlan, clock: Clock) -> dict[str, Any]:
+    """Run the method's model-wide statistics hook, if it has one, over every file (reused or
+    not): as many passes as it asks for, each over every shard."""
+    hook = plan.method.statistics
+    if hook is None:
+        return {}
+    with clock("model_statistics"):
+        _, jobs = plan.jobs(plan.files)
+        num_params = sum(u.numel for f in plan.files for u in f.units if u.is_float)
+        state = hook.start(len(plan.tuned), num_params, DTYPES[plan.settings.compute_dtype],
+                           plan.settings.params)
+        while not state.done:
+            request = state.request()
+            state.combine(executor.map(shard_statistics, [(job, request) for job in jobs],
+                                       desc=state.label))
+        return state.result()
+
+
+def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fault | None
+                ) -> tuple[list[Shard], list[ShardManifest]]:
+    shards, jobs = plan.jobs(plan.todo, statistics, fault)
+    try:
+        manifests = executor.map(run_shard, [(job,) for job in jobs],
+                                 desc=f"merge {plan.settings.method}")
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the whole output needs "
+                          f"{sum(f.nbytes for f in plan.files)} bytes") from exc
+    return shards, manifests
+
+
+def _write_metadata(out: StagedOutput, mode: OutputMode, config: MergeConfig,
+                    specs: dict[str, Any], settings: MergeSettings, base: Checkpoint
+                    ) -> list[FileRecord]:
+    """The small files beside the tensors, each read back and hashed for the report."""
+    names = []
+    if mode == "compressed":
+        units = build_units(specs, config.fuse_qkv)
+        out.write_json("tsv_c.json", _artefact_meta(units, get_method(settings.method),
+                                                    settings, config))
+        names.append("tsv_c.json")
+    if mode == "model" and base.config_location:
+        out.copy_in(base.config_location, "config.json")
+        names.append("config.json")
+    names += [n for n in INDEX_NAMES.values() if os.path.exists(out.file(n))]
+    return [FileRecord(**describe_file(out.file(name))) for name in sorted(names)]
+
+
+def _dtypes(base: Checkpoint, tuned: list[Checkpoint], config: MergeConfig,
+            files: list[PlannedFile]) -> DtypesRecord:
+    def floats(ckpt: Checkpoint) -> list[str]:
+        return sorted({s.dtype for s in ckpt.specs().values() if s.is_float})
+    return DtypesRecord(inputs={c.location: floats(c) for c in [base, *tuned]},
+                        compute=COMPUTE_DTYPES[config.compute_dtype],
+                        output=sorted({d for f in files for _, d, _ in f.layout}))
+
+
+def _dtype_name(dtype: str | None) -> str | None:
+    return None if dtype is None else DTYPE_NAMES[getattr(torch, dtype)]
+
+
+def _check_distinct_locations(locations: Sequence[str]) -> None:
+    seen: dict[str, str] = {}
+    for path in locations:
+        where = canonical(path)
+        if where in seen:
+            raise InputError(f"{path}: given twice (as {seen[where]!r} too); each task needs its "
+                             f"own fine-tuned checkpoint")
+        seen[where] = path
+
+
+def _run_key(config: MergeConfig, settings: MergeSettings, inputs: dict | None) -> str:
+    """Digest of everything that determines the output bytes: names the staging directory, so
+    `--resume` finds the work of an interrupted run of the same merge, and only of that. With
+    the input scan it keys on the inputs' contents, so a changed input never reuses old files."""
+    sources: Any = [config.base, *config.finetuned]
+    if inputs is not None:
+        sources = [[f["sha256"] for f in c["files"]]
+                   for c in [inputs["base"], *inputs["finetuned"]]]
+    identity = {"format": RUN_FORMAT, "inputs": sources, "fuse_qkv": config.fuse_qkv,
+                "output_dtype": config.output_dtype,
+                "max_shard_size": config.max_shard_bytes,
+                "settings": dataclasses.asdict(settings)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, WrittenFile]:
+    """Finished files of an interrupted run whose done-marker matches the plan and whose bytes
+    still hash to the recorded sha256; anything else is deleted and recomputed."""
+    verified = {}
+    for planned in files:
+        path, marker = os.path.join(staging, planned.name), done_marker(staging, planned.name)
+        try:
+            with open(marker, "rb") as f:
+                manifest = WrittenFile.model_validate_json(f.read())
+            expected = {k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}
+            if manifest.tensors == expected and scan_file(path)["sha256"] == manifest.sha256:
+                verified[planned.name] = manifest
+                continue
+        except (OSError, ValueError, PipelineError):  # pydantic's ValidationError included
+            pass
+        for stale in (path, marker):
+            if os.path.exists(stale):
+                os.remove(stale)
+    return verified
+
+
+def _check_free_space(out: str, files: list[PlannedFile]) -> None:
+    needed = sum(f.nbytes for f in files)
+    parent = os.path.dirname(output_directory(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OutputError(f"{out}: the output needs {needed} bytes but only {free} are free "
+                          f"on its filesystem")
+
+
+def _describe_inputs(executor, base: Checkpoint, tuned: Sequence[Checkpoint]) -> dict[str, Any]:
+    checkpoints = [base, *tuned]
+    paths = [f for c in checkpoints for f in c.files]
+    scans = iter(executor.map(scan_file, [(p,) for p in paths], desc="scan inputs"))
+    described = [{"location": c.location, "files": [next(scans) for _ in c.files]}
+                 for c in checkpoints]
+    for ckpt in described:
+        for f in ckpt["files"]:
+            nonfinite = f.pop("nonfinite")
+            if nonfinite:
+                more = f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""
+                raise InputError(f"{f['path']}: key {nonfinite[0]!r} contains NaN or Inf{more}")
+    for c in described:
+        c["size"] = sum(f["size"] for f in c["files"])
+    _check_distinct(described)
+    return {"base": described[0], "finetuned": described[1:]}
+
+
+def _check_distinct(described: list[dict[str, Any]]) -> None:
+    """Two tasks with the same bytes double one task's weight silently; refuse. A task equal to
+    the base has a zero task vector: legal, but almost always a wrong path, so warn."""
+    fingerprints: dict[tuple, str] = {}
+    for i, ckpt in enumerate(described):
+        fingerprint = tuple(f["sha256"] for f in ckpt["files"])
+        if fingerprint in fingerprints:
+            first = fingerprints[fingerprint]
+            if i > 0 and first == described[0]["location"]:
+                warnings.warn(f"{ckpt['location']}: identical to the base {first}; its task "
+                              f"vector is zero", stacklevel=3)
+                continue
+            raise InputError(f"{ckpt['location']}: same content (sha256) as {first}; each task "
+                             f"needs its own fine-tuned checkpoint")
+        fingerprints[fingerprint] = ckpt["location"]
+
+
+def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
+                 written: list[WrittenFile]) -> list[OutputFile]:
+    written = sorted(written, key=lambda f: f.name)
+    expected = sorted(f.name for f in files)
+    if [f.name for f in written] != expected:
+        raise RuntimeError(f"shards wrote {[f.name for f in written]}, planned {expected}")
+    for entry in written:  # nothing is committed on a worker's word alone: read it back
+        found = describe_file(out.file(entry.name))
+        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
+            raise OutputError(f"{out.file(entry.name)}: holds {found['size']} bytes with "
+                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry.size} "
+                              f"bytes with sha256 {entry.sha256[:12]}; not committed")
+    if len(files) > 1 or files[0].name != file_names(1, mode)[0]:
+        weight_map = {key: f.name for f in written for key in f.tensors}
+        total = sum(math.prod(t.shape) * dtype_size(t.dtype)
+                    for f in written for t in f.tensors.values())
+        out.write_json(INDEX_NAMES[mode], {"metadata": {"total_size": total},
+                                           "weight_map": dict(sorted(weight_map.items()))})
+    return [OutputFile(name=f.name, size=f.size, sha256=f.sha256, tensors=len(f.tensors))
+            for f in written]
+
+
+def _artefact_meta(units: list[MergeUnit], method: MethodSpec, settings: MergeSettings,
+                   config: MergeConfig) -> dict[str, Any]:
+    """How to rebuild each stored key from a TSV-C artefact (see `tsv_c_artefact`). The
+    factors are of the unit in open_clip's orientation: `transposed` says to turn it back."""
+    described = {}
+    for u in units:
+        kind = ("matrix" if method.uses_matrix_rule(u.name, u.shape, settings.exclude) else
+                "whole" if u.is_float else "copy")
+        described[u.name] = {"sources": list(u.sources), "rows": list(u.rows), "kind": kind,
+                             "transposed": u.transposed}
+    return {"method": method.name, "num_tasks": len(config.finetuned),
+            "finetuned": list(config.finetuned),
+            "base": config.base, "compute_dtype": settings.compute_dtype,
+            "units": dict(sorted(described.items()))}
+
+
+def library_versions() -> dict[str, str]:
+    import pyarrow
+    import safetensors
+    import torch
+    versions = {"pipeline": __version__, "python": platform.python_version(),
+                "torch": torch.__version__, "safetensors": safetensors.__version__,
+                "pyarrow": pyarrow.__version__, "numpy": np.__version__}
+    if "ray" in sys.modules:
+        versions["ray"] = sys.modules["ray"].__version__
+    return versions

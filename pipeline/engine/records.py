@@ -1,0 +1,214 @@
+"""Typed records that cross layers: what a shard worker returns and what a merge reports.
+
+Workers, the driver, `verify`, the CLI, the history and the benchmarks all read these; as
+pydantic models they are checked once where they are made and read by attribute everywhere
+else, and each has one JSON (de)serialiser. `merge_report.json` carries a schema version:
+reports written before versions existed read as version 1, and a report from a newer
+pipeline fails with a clear message instead of a KeyError.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import InputError
+
+REPORT_SCHEMA_VERSION = 2
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorLayout(_Record):
+    dtype: str
+    shape: list[int]
+
+
+class FileRecord(_Record):
+    """A written file: what `verify` checks it against. Read leniently (a tensor file's record
+    also counts its tensors), written exactly."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    size: int
+    sha256: str
+
+
+class WrittenFile(FileRecord):
+    """A tensor file a shard wrote, with its planned layout (also its resume marker)."""
+
+    tensors: dict[str, TensorLayout]
+
+
+class OutputFile(FileRecord):
+    tensors: int  # how many tensors it holds
+
+
+class ShardSeconds(_Record):
+    total: float
+    read: float
+    compute: float
+    write: float
+    svd: float
+
+
+class ShardManifest(_Record):
+    """What a worker returns for its shard: small, never tensors."""
+
+    shard: int
+    files: list[WrittenFile]
+    units: int
+    cost_estimate_s: float
+    node: str
+    pid: int
+    device: str
+    bytes_read: int
+    seconds: ShardSeconds
+    svd_calls: int
+    numerics: list[str]  # numerical fallbacks, one line each
+    # Lifetime peak of the worker process (Ray reuses workers): an upper bound per shard.
+    peak_rss_bytes: int
+
+
+class ShardRecord(_Record):
+    index: int
+    files: list[str]
+    units: int
+    cost_estimate_s: float
+    node: str
+    pid: int
+    device: str
+    bytes_read: int
+    seconds: ShardSeconds
+    svd_calls: int
+    peak_rss_bytes: int
+
+
+class EngineRecord(BaseModel):
+    """Where and how the merge ran. Executor details vary by executor, hence `extra`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+    workers: int
+    device: str
+    host: str = ""
+    chosen: str = ""
+    shards: list[ShardRecord] = Field(default_factory=list)
+    peak_worker_rss_bytes: int | None = None
+
+
+class NumericsRecord(_Record):
+    fallbacks: list[str]
+    svd_seconds: float
+    svd_calls: int
+
+
+class ModelSize(_Record):
+    tensors: int
+    parameters: int
+
+
+class DtypesRecord(_Record):
+    inputs: dict[str, list[str]]
+    compute: str
+    output: list[str]
+
+
+def _parse(cls: type[BaseModel], text: str | bytes, where: str) -> Any:
+    """One reader for every report file: JSON, schema version, then the fields."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: malformed (not a JSON object)")
+    version = raw.get("schema_version", 1)  # reports before versions: 1
+    if not isinstance(version, int) or version > REPORT_SCHEMA_VERSION:
+        raise InputError(f"{where}: schema version {version!r} is newer than this pipeline "
+                         f"reads ({REPORT_SCHEMA_VERSION}); upgrade merge-pipeline")
+    try:
+        return cls.model_validate({**raw, "schema_version": version})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"{where}: malformed ({field}: {first['msg']})") from None
+
+
+class OutputListing(BaseModel):
+    """The part of any report of ours (merge or expand) that says which files the output
+    holds: all that `verify` relies on. Version 1 reports lack `metadata_files` (None)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    schema_version: int
+    output: str
+    outputs: list[FileRecord]
+    metadata_files: list[FileRecord] | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def base_location(self) -> str | None:
+        base = self.inputs.get("base")
+        return base.get("location") if isinstance(base, dict) else None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "merge_report.json") -> "OutputListing":
+        return _parse(cls, text, where)
+
+
+class ExpandReport(BaseModel):
+    """`merge_report.json` of a model rebuilt from a TSV-C artefact by `expand`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = REPORT_SCHEMA_VERSION
+    kind: str = "expand"
+    method: str
+    task: int
+    num_tasks: int
+    output: str = "model"
+    outputs: list[FileRecord]
+    metadata_files: list[FileRecord]
+    inputs: dict[str, Any]
+    created: str
+    timings_s: dict[str, float]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+class MergeReport(BaseModel):
+    """`merge_report.json`: what was merged, how, from what, into which files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = REPORT_SCHEMA_VERSION
+    run_id: str
+    created: str
+    method: str
+    params: dict[str, Any]
+    alpha: float | None
+    alpha_grid: list[float]
+    output: str
+    num_tasks: int
+    options: dict[str, Any]
+    statistics: dict[str, Any]
+    inputs: dict[str, Any]
+    outputs: list[OutputFile]
+    metadata_files: list[FileRecord] = Field(default_factory=list)
+    model: ModelSize
+    versions: dict[str, str]
+    timings_s: dict[str, float]
+    engine: EngineRecord
+    numerics: NumericsRecord
+    resumed_files: list[str] = Field(default_factory=list)
+    dtypes: DtypesRecord | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "merge_report.json") -> "MergeReport":
+        return _parse(cls, text, where)

@@ -1,0 +1,2 @@
+"""Results over time: the parquet history, regression thresholds, the HTML report and the
+nightly matrix that feeds them."""

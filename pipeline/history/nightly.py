@@ -1,0 +1,152 @@
+"""The nightly benchmark: a matrix of suites x task counts x methods, recorded and judged.
+
+One nightly run is one run in the results history (one file, all cells), so a morning reader
+either sees last night whole or not at all. A cell that fails is logged and reported but does
+not stop the others: one broken method should not hide the rest of the night's numbers.
+
+Exit codes (of `ray_jobs/nightly.py` and `merge-pipeline nightly`): 0 all good, 1 a regression
+threshold was crossed, 2 bad configuration, 3 a cell of the matrix failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import traceback
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
+from pipeline.engine.config import load_yaml
+from pipeline.errors import InputError
+from pipeline.history.regressions import Regression, Thresholds, detect_regressions
+from pipeline.history.report import write_report
+from pipeline.history.rows import RunContext, bench_rows
+from pipeline.history.store import append_run, read_history
+from pipeline.io.output import write_json_atomic
+from pipeline.methods.registry import get_method
+
+EXIT_REGRESSION = 1
+EXIT_CELL_FAILED = 3
+
+
+@dataclass
+class NightlyConfig:
+    history: str
+    report: str
+    work_dir: str
+    suites: list[str] = field(default_factory=lambda: ["standard"])
+    task_counts: list[int | None] = field(default_factory=lambda: [8])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    early_stop: bool = False
+    keep_task_vectors: bool = False
+    engine: str = "ray"
+    workers: int | None = None
+    address: str | None = None
+    device: str = "auto"
+    cache: str | None = None
+
+    def validate(self) -> None:
+        for name in ("history", "report", "work_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"nightly config needs {name!r} (a path)")
+        if not self.suites or not all(isinstance(s, str) and s for s in self.suites):
+            raise InputError(f"suites must be a non-empty list of names, got {self.suites!r}")
+        if not self.task_counts or not all(t is None or (isinstance(t, int) and t >= 1)
+                                           for t in self.task_counts):
+            raise InputError(f"task_counts must be positive integers (null: all the suite's "
+                             f"tasks), got {self.task_counts!r}")
+        if not self.methods:
+            raise InputError("methods must not be empty")
+        for name in [*self.methods, *self.params]:
+            get_method(name)  # unknown names fail before a night's work starts
+        if self.engine not in ("ray", "local"):
+            raise InputError(f"engine must be ray or local, got {self.engine!r}")
+
+
+def load_nightly_config(path: str, **overrides: Any) -> NightlyConfig:
+    """The YAML file's fields, then `overrides` (command-line flags; None means not given)."""
+    values = dict(load_yaml(path)) if path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(NightlyConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise InputError(f"{path}: unknown nightly fields {sorted(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    values["thresholds"] = Thresholds.from_mapping(values.get("thresholds"), path)
+    try:
+        config = NightlyConfig(**values)
+    except TypeError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    config.validate()
+    return config
+
+
+@dataclass
+class NightlyResult:
+    run_id: str
+    history_file: str | None
+    report: str
+    cells: list[dict[str, Any]]
+    regressions: list[Regression]
+    failures: list[dict[str, str]]
+
+    @property
+    def exit_code(self) -> int:
+        if self.failures:
+            return EXIT_CELL_FAILED
+        return EXIT_REGRESSION if self.regressions else 0
+
+
+def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> NightlyResult:
+    config.validate()
+    ctx = RunContext(kind="bench")
+    run_dir = os.path.join(config.work_dir, ctx.run_id)
+    log(f"nightly run {ctx.run_id} (commit {ctx.git_commit[:12]}): "
+        f"{len(config.suites)} suite(s) x {len(config.task_counts)} task count(s) x "
+        f"{len(config.methods)} method(s)")
+    rows: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    for suite in config.suites:
+        for count in config.task_counts:
+            label = f"{os.path.basename(os.path.normpath(suite))}-T{count or 'all'}"
+            out = os.path.join(run_dir, label)
+            log(f"[{label}]")
+            try:
+                summary = run_bench(BenchOptions(
+                    suite=suite, tasks=count, methods=config.methods, out=out,
+                    engine=config.engine, workers=config.workers, address=config.address,
+                    device=config.device, early_stop=config.early_stop, cache=config.cache,
+                    params=config.params), log)
+            except Exception as exc:  # noqa: BLE001 - one failed cell must not end the night
+                log(traceback.format_exc())
+                failures.append({"cell": label, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            if not config.keep_task_vectors:
+                shutil.rmtree(os.path.join(out, "task_vectors"), ignore_errors=True)
+            log(format_table(summary))
+            rows += bench_rows(ctx, summary)
+            cells.append({"cell": label, "out": out,
+                          "total_seconds": summary.timings_s["total"]})
+    history_file = append_run(config.history, rows) if rows else None
+    history = read_history(config.history)
+    regressions = (detect_regressions(history, ctx.run_id, config.thresholds)
+                   if history_file else [])
+    write_report(history, config.report, config.thresholds, regressions_of_latest=regressions,
+                 failures=failures)
+    result = NightlyResult(ctx.run_id, history_file, config.report, cells, regressions,
+                           failures)
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, "nightly.json"), {
+        "run_id": ctx.run_id, "git_commit": ctx.git_commit, "history_file": history_file,
+        "report": config.report, "cells": cells, "failures": failures,
+        "regressions": [r.to_dict() for r in regressions], "exit_code": result.exit_code})
+    for r in regressions:
+        log(f"REGRESSION: {r.describe()}")
+    for f in failures:
+        log(f"FAILED: {f['cell']}: {f['error']}")
+    log(f"history: {history_file or '(nothing recorded)'}; report: {config.report}")
+    return result

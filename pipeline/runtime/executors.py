@@ -1,0 +1,149 @@
+"""Where shard functions run: in this process, or as Ray tasks across a cluster.
+
+Both executors have one method, `map(fn, argument_tuples)`, returning results in argument order
+whatever order the work finished in (so the driver's view is deterministic). The Ray executor
+keeps at most `workers` tasks in flight, starting the costliest shards first, and shows a
+progress bar with an ETA.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError, TransientError
+from pipeline.runtime.interrupts import received_signal, reraise_if_interrupted
+from pipeline.runtime.ray_cluster import connect
+
+# Ray's default retries crashed workers but not exceptions. We retry crashes and errors that a
+# second attempt can fix (I/O hiccups, injected faults), never input errors.
+RETRYABLE = (TransientError, OSError, ConnectionError, TimeoutError)
+MAX_RETRIES = 3
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True, leave=False,
+                disable=os.environ.get("MERGE_PIPELINE_PROGRESS", "1") == "0")
+
+
+def choose_device(device: str, gpu_available: bool) -> str:
+    """"cuda" when asked for, or on "auto" where a GPU is there; else "cpu"."""
+    return "cuda" if device == "cuda" or (device == "auto" and gpu_available) else "cpu"
+
+
+class LocalExecutor:
+    """Runs every shard in this process, one after another (no Ray)."""
+
+    workers = 1
+    device = "cpu"
+    description = "local (in-process)"
+    startup_s = 0.0
+
+    def __init__(self, device: str = "auto"):
+        import torch
+        self.device = choose_device(device, torch.cuda.is_available())
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+        import torch
+        threads = torch.get_num_threads()  # shards set their own; give the caller's back
+        results = []
+        try:
+            with _progress(len(calls), desc) as bar:
+                for args in calls:
+                    results.append(fn(*args))
+                    bar.update(1)
+                    reraise_if_interrupted()
+        finally:
+            torch.set_num_threads(threads)
+        return results
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "local", "workers": 1, "device": self.device, "startup_s": 0.0}
+
+
+class RayExecutor:
+    """Runs shards as Ray tasks; starts an embedded local cluster when no address is given
+    (sized from the CPUs this process may use; see `ray_cluster.connect`)."""
+
+    def __init__(self, address: str | None = None, workers: int | None = None,
+                 threads: int = 1, device: str = "auto", gpus_per_task: float = 1.0):
+        import ray
+
+        self.cluster = connect(address)  # fails fast, in one line, on an unreachable address
+        self.startup_s = self.cluster.startup_s  # Ray start-up (or joining), for the report
+        self.embedded = self.cluster.embedded
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        self.device = choose_device(device, gpus > 0)
+        self.threads = threads
+        self.gpus_per_task = gpus_per_task if self.device == "cuda" else 0
+        if self.device == "cuda":
+            available = int(gpus / gpus_per_task) if gpus else 0
+        else:
+            available = int(resources.get("CPU", 1) // threads)
+        self.workers = max(1, workers or available)
+        self._remote: dict[Callable, Any] = {}
+        self.ray_version = ray.__version__
+
+    def _remote_fn(self, fn: Callable) -> Any:
+        import ray
+        if fn not in self._remote:
+            self._remote[fn] = ray.remote(fn).options(
+                num_cpus=self.threads, num_gpus=self.gpus_per_task, max_retries=MAX_RETRIES,
+                retry_exceptions=list(RETRYABLE))
+        return self._remote[fn]
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+        import ray
+        remote = self._remote_fn(fn)
+        results: list[Any] = [None] * len(calls)
+        pending: dict[Any, int] = {}
+        queue = list(range(len(calls)))
+        with _progress(len(calls), desc) as bar:
+            try:
+                while queue or pending:
+                    while queue and len(pending) < self.workers:
+                        i = queue.pop(0)
+                        pending[remote.remote(*calls[i])] = i
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    reraise_if_interrupted()
+                    for ref in done:
+                        results[pending.pop(ref)] = _get(ref)
+                        bar.update(1)
+            except BaseException:
+                # On Ctrl-C/SIGTERM the process is going down: shutting the embedded cluster
+                # down, or the job's end on a joined one, stops the tasks. ray.cancel would
+                # race tasks that are finishing into a Ray CHECK failure that kills the driver
+                # with a C++ stack trace (seen in 2 of 6 interrupted runs; ray-project/ray
+                # #54798, #54846), so it is kept for errors only.
+                if received_signal() is None:
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                raise
+        return results
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "ray", "workers": self.workers, "device": self.device,
+                "threads_per_worker": self.threads, "gpus_per_task": self.gpus_per_task,
+                "ray_version": self.ray_version, "startup_s": round(self.startup_s, 4),
+                "embedded_cluster": self.embedded}
+
+
+def _get(ref: Any) -> Any:
+    """ray.get, but our own errors come back as themselves, with their one-line message."""
+    import ray
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, PipelineError):
+            raise err.cause from None
+        raise
+
+
+def make_executor(engine: str, address: str | None, workers: int | None, threads: int,
+                  device: str, gpus_per_task: float):
+    if engine == "local":
+        return LocalExecutor(device)
+    return RayExecutor(address, workers, threads, device, gpus_per_task)
