@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.data import TaskData
 from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, Shard
 from pipeline.models.weights import Weights
-from pipeline.runtime.executors import _get, _progress, choose_device
+from pipeline.runtime.executors import choose_device, progress, stream_results
 from pipeline.runtime.ray_cluster import connect
 
 Request = tuple[Weights, str, str]  # (weights, task, split)
@@ -83,7 +83,7 @@ class EvaluationPool:
             items += [(r, weights, shard) for shard in plan_shards(task, split, rows,
                                                                    self.shard_rows)]
         totals = [[0, 0] for _ in requests]
-        with _progress(len(items), desc) as bar:
+        with progress(len(items), desc) as bar:
             for r, (correct, total) in self._run(items, bar):
                 totals[r][0] += correct
                 totals[r][1] += total
@@ -95,32 +95,26 @@ class EvaluationPool:
                 yield r, self._local.count(weights, shard, self._data[(shard.task, shard.split)])
                 bar.update(1)
             return
-        import ray
         queue = list(items)
         holding: dict[int, Weights | None] = {i: None for i in range(len(self.actors))}
         idle = list(range(len(self.actors)))
-        pending: dict[Any, tuple[int, int]] = {}
-        try:
-            while queue or pending:
-                while idle and queue:
-                    a = idle.pop(0)
-                    # Prefer work on the weights this actor already holds.
-                    pick = next((i for i, it in enumerate(queue) if it[1] == holding[a]), 0)
-                    r, weights, shard = queue.pop(pick)
-                    holding[a] = weights
-                    ref = self.actors[a].count.remote(weights, shard,
-                                                      self._data[(shard.task, shard.split)])
-                    pending[ref] = (a, r)
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    a, r = pending.pop(ref)
-                    idle.append(a)
-                    yield r, _get(ref)
-                    bar.update(1)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref)
-            raise
+
+        def submit_next():
+            if not (idle and queue):
+                return None
+            a = idle.pop(0)
+            # Prefer work on the weights this actor already holds.
+            pick = next((i for i, it in enumerate(queue) if it[1] == holding[a]), 0)
+            r, weights, shard = queue.pop(pick)
+            holding[a] = weights
+            ref = self.actors[a].count.remote(weights, shard,
+                                              self._data[(shard.task, shard.split)])
+            return ref, (a, r)
+
+        for (a, r), counts in stream_results(submit_next, len(self.actors), bar,
+                                             force_cancel=False):
+            idle.append(a)
+            yield r, counts
 
     def close(self) -> None:
         if self.engine != "local":

@@ -9,7 +9,7 @@ progress bar with an ETA.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -23,7 +23,7 @@ RETRYABLE = (TransientError, OSError, ConnectionError, TimeoutError)
 MAX_RETRIES = 3
 
 
-def _progress(total: int, desc: str) -> tqdm:
+def progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="task", dynamic_ncols=True, leave=False,
                 disable=os.environ.get("MERGE_PIPELINE_PROGRESS", "1") == "0")
 
@@ -50,7 +50,7 @@ class LocalExecutor:
         threads = torch.get_num_threads()  # shards set their own; give the caller's back
         results = []
         try:
-            with _progress(len(calls), desc) as bar:
+            with progress(len(calls), desc) as bar:
                 for args in calls:
                     results.append(fn(*args))
                     bar.update(1)
@@ -96,32 +96,19 @@ class RayExecutor:
         return self._remote[fn]
 
     def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
-        import ray
         remote = self._remote_fn(fn)
         results: list[Any] = [None] * len(calls)
-        pending: dict[Any, int] = {}
         queue = list(range(len(calls)))
-        with _progress(len(calls), desc) as bar:
-            try:
-                while queue or pending:
-                    while queue and len(pending) < self.workers:
-                        i = queue.pop(0)
-                        pending[remote.remote(*calls[i])] = i
-                    done, _ = ray.wait(list(pending), num_returns=1)
-                    reraise_if_interrupted()
-                    for ref in done:
-                        results[pending.pop(ref)] = _get(ref)
-                        bar.update(1)
-            except BaseException:
-                # On Ctrl-C/SIGTERM the process is going down: shutting the embedded cluster
-                # down, or the job's end on a joined one, stops the tasks. ray.cancel would
-                # race tasks that are finishing into a Ray CHECK failure that kills the driver
-                # with a C++ stack trace (seen in 2 of 6 interrupted runs; ray-project/ray
-                # #54798, #54846), so it is kept for errors only.
-                if received_signal() is None:
-                    for ref in pending:
-                        ray.cancel(ref, force=True)
-                raise
+
+        def submit_next() -> tuple[Any, int] | None:
+            if not queue:
+                return None
+            i = queue.pop(0)
+            return remote.remote(*calls[i]), i
+
+        with progress(len(calls), desc) as bar:
+            for i, result in stream_results(submit_next, self.workers, bar):
+                results[i] = result
         return results
 
     def info(self) -> dict[str, Any]:
@@ -129,6 +116,40 @@ class RayExecutor:
                 "threads_per_worker": self.threads, "gpus_per_task": self.gpus_per_task,
                 "ray_version": self.ray_version, "startup_s": round(self.startup_s, 4),
                 "embedded_cluster": self.embedded}
+
+
+def stream_results(submit_next: Callable[[], tuple[Any, Any] | None], capacity: int,
+                   bar: tqdm, force_cancel: bool = True) -> Iterator[tuple[Any, Any]]:
+    """The one Ray submission loop (merge shards and evaluation actors alike): keep up to
+    `capacity` calls in flight, each submitted by `submit_next()` as (object ref, tag), or None
+    when there is nothing to submit now; yield (tag, result) as results arrive, our own errors
+    unwrapped. Submission resumes after each yield, so a caller can free capacity (an idle
+    actor) in between. On an error the calls in flight are cancelled (`force_cancel` for
+    tasks; actor calls cannot be forced)."""
+    import ray
+    pending: dict[Any, Any] = {}
+    try:
+        while True:
+            while len(pending) < capacity and (call := submit_next()) is not None:
+                pending[call[0]] = call[1]
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1)
+            reraise_if_interrupted()
+            for ref in done:
+                tag = pending.pop(ref)
+                result = _get(ref)
+                bar.update(1)
+                yield tag, result
+    except BaseException:
+        # On Ctrl-C/SIGTERM the process is going down: shutting the embedded cluster down, or
+        # the job's end on a joined one, stops the calls. ray.cancel would race calls that are
+        # finishing into a Ray CHECK failure that kills the driver with a C++ stack trace (seen
+        # in 2 of 6 interrupted runs; ray-project/ray #54798, #54846), so it is for errors only.
+        if received_signal() is None:
+            for ref in pending:
+                ray.cancel(ref, force=force_cancel)
+        raise
 
 
 def _get(ref: Any) -> Any:
