@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ from pipeline.errors import InputError
 from pipeline.evaluation.data import TaskData, load_task
 from pipeline.evaluation.pool import EvaluationPool
 from pipeline.evaluation.search import absolute, normalized, select_alpha
-from pipeline.io.output import write_file_atomic, write_json_atomic
+from pipeline.io.output import write_file_atomic
 from pipeline.methods.registry import MethodSpec, get_method
 from pipeline.models.weights import Weights
 from pipeline.runtime.executors import RayExecutor

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.cli.ops import add_history_option, record
 from pipeline.cli.ops import add_parsers as add_ops_parsers

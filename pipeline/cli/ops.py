@@ -4,7 +4,8 @@ commands that record their results."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pipeline.engine.config import ClusterOptions, add_options, cluster_options, load_yaml
 from pipeline.errors import InputError

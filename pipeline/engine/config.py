@@ -15,7 +15,8 @@ import contextlib
 import math
 import re
 import typing
-from typing import Annotated, Any, Iterator, Literal, Mapping, TypeVar, cast
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import yaml
 from pydantic import (

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 from pipeline.io.layout import group_of, natural_key, qkv_fusions, transposed_vs_open_clip
 from pipeline.io.reader import TensorSpec

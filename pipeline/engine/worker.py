@@ -12,8 +12,9 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Generator
+from typing import Any
 
 import torch
 

@@ -9,7 +9,8 @@ that was in flight; counts are integers summed per request, so the result is unc
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.data import TaskData
@@ -41,8 +42,9 @@ class EvaluationPool:
             dev = choose_device(device, torch.cuda.is_available())
             self._local = Evaluator(base, dev, threads)
             self.workers, self.device = 1, dev
-            self._data = {(t, s): (*d.splits[s], d.head) for t, d in tasks.items()
-                          for s in d.splits}
+            # In-process: the split data itself; on Ray: object refs to it (put once).
+            self._data: dict[tuple[str, str], Any] = {
+                (t, s): (*d.splits[s], d.head) for t, d in tasks.items() for s in d.splits}
             return
         import ray
 
@@ -59,8 +61,8 @@ class EvaluationPool:
         self.workers = max(1, min(workers or available, available or 1))
         actor_cls = ray.remote(Evaluator).options(max_restarts=MAX_RESTARTS,
                                                   max_task_retries=MAX_RESTARTS, **options)
-        self.actors = [actor_cls.remote(base, self.device, threads)
-                       for _ in range(self.workers)]
+        self.actors: list[Any] = [actor_cls.remote(base, self.device, threads)
+                                  for _ in range(self.workers)]
         self._data = {(t, s): ray.put((*d.splits[s], d.head)) for t, d in tasks.items()
                       for s in d.splits}
 

@@ -7,8 +7,8 @@ known accuracies.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 # Spec: stop after 3 consecutive alphas whose mean absolute validation accuracy does not beat
 # the best so far.

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
 from pipeline.engine.config import load_yaml

@@ -10,8 +10,9 @@ nothing about the code.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 

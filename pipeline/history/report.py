@@ -13,7 +13,8 @@ import io
 import json
 import os
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -180,9 +181,11 @@ def _value(metric: str, value: float) -> str:
 
 
 STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1300px}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;
+max-width:1300px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f3f3f3}.bad td{background:#fde8e8}.ok{color:#1a7f37;font-weight:600}
 .alert{color:#b42318;font-weight:600}img{max-width:100%}.meta{color:#666;font-size:13px}
 """

@@ -14,13 +14,15 @@ next.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import subprocess
 import uuid
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -161,10 +163,8 @@ def append_run(root: str, rows: Iterable[Mapping[str, Any]]) -> str:
 
 
 def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fs.delete_file(path)
-    except OSError:
-        pass
 
 
 def read_history(root: str, filter: ds.Expression | None = None) -> pa.Table:

@@ -8,7 +8,7 @@ the data; workers check it on every tensor they read, before using it (see `merg
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.errors import InputError
 from pipeline.io.reader import Checkpoint, TensorSpec

@@ -20,8 +20,9 @@ the planner's knowledge of transposed keys and the state-dict converters `hf_to_
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 

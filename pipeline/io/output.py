@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 from pipeline.errors import InputError, OutputConflictError, OutputError
 from pipeline.io.storage import canonical, contains, output_directory, read_bytes
@@ -203,10 +204,8 @@ class StagedOutput:
         elif exc is not None:
             # Interrupted or crashed: the finished files stay for --resume. main() tells the
             # user where, in its one line, whatever stopped the run.
-            try:
+            with contextlib.suppress(AttributeError):
                 exc.staging_dir = self.path
-            except AttributeError:
-                pass
 
 
 DONE_SUFFIX = ".done.json"

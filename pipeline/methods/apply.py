@@ -6,7 +6,8 @@ tests, so every path computes the same bits for the same key.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

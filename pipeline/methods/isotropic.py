@@ -8,7 +8,7 @@ top directions orthogonal to the common left subspace.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

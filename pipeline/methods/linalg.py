@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -141,7 +141,7 @@ def top_svd(x: torch.Tensor, k: int, float32_subspace: bool = False
     callers whose output is the triplets themselves, at float32-SVD accuracy."""
     short = min(x.shape[-2:])
     oversampled = k + max(16, k // 4)
-    if (float32_subspace and x.dtype != torch.float64 and 0 < k
+    if (float32_subspace and x.dtype != torch.float64 and k > 0
             and oversampled <= short // 2):
         found = _top_svd_mixed(x, k, oversampled)
         if found is not None:

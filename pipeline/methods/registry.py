@@ -22,8 +22,9 @@ Hooks, which let the engine run any method without knowing its name:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -110,9 +111,10 @@ class MethodSpec:
                                  f"do not pass --alpha")
             return fixed
         if alpha is None:
+            grid = f"{self.alpha_grid[0]:g}..{self.alpha_grid[-1]:g}"
             raise InputError(f"method {self.name!r} needs --alpha: the papers choose it on "
-                             f"validation data from {self.alpha_grid[0]:g}..{self.alpha_grid[-1]:g} "
-                             f"(use `sweep`), or pass the value you want")
+                             f"validation data from {grid} (use `sweep`), or pass the value "
+                             f"you want")
         if not 0 < alpha < float("inf"):
             raise InputError(f"alpha must be a finite number > 0, got {alpha}")
         return float(alpha)

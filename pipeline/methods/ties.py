@@ -11,7 +11,8 @@ float32, four for float64, a few kilobytes each; the result is exactly `kthvalue
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ matrices (polar factors), keeping the singular values as they were.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -8,8 +8,8 @@ arithmetic in every process, so every evaluator produces the same bits.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 

@@ -17,6 +17,7 @@ Used by the merge executor and the evaluation pool. It
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -198,7 +199,7 @@ def _probe(host: str, port: int, origin: str, timeout: float) -> None:
                 if not chunk:
                     break
                 answer += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise InputError(f"the Ray cluster at {origin} does not answer (no reply within "
                          f"{timeout:g} s); {hint}") from None
     except OSError as exc:
@@ -226,8 +227,9 @@ def _ask_gcs(host: str, port: int, origin: str, timeout: float) -> None:
         return
     channel = init_grpc_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     try:
+        messages: Any = gcs_service_pb2  # generated code: untyped
         gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+            messages.GetClusterIdRequest(), timeout=timeout)
     except grpc.RpcError as err:
         code = err.code() if callable(getattr(err, "code", None)) else None
         details = " ".join(str(err.details() if callable(getattr(err, "details", None))
@@ -325,7 +327,7 @@ def _init(ray, what: str, hint: str, **kwargs: Any) -> None:
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} \
         if main_thread else {}
     keep_ours = interrupts.active() and callable(saved.get(signal.SIGTERM))
-    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    utils: Any = getattr(getattr(ray, "_private", None), "utils", None)
     ray_sets_sigterm = getattr(utils, "set_sigterm_handler", None)
     if keep_ours and ray_sets_sigterm is not None:
         utils.set_sigterm_handler = lambda handler: None  # ours unwinds: same end, cleaner
@@ -349,10 +351,8 @@ def _init(ray, what: str, hint: str, **kwargs: Any) -> None:
 
 
 def _quiet_shutdown(ray) -> None:
-    try:
+    with contextlib.suppress(BaseException):  # best effort; the reaper sweeps what is left
         ray.shutdown()
-    except BaseException:  # noqa: S110 - best effort; the reaper sweeps what is left
-        pass
 
 
 # -- CPUs this process may use ----------------------------------------------------------------
@@ -396,8 +396,8 @@ def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup",
                     for directory in _ancestors(base, path):
                         limits.append(_read_cfs(directory))
                     break
-    limits = [q for q in limits if q is not None]
-    return min(limits) if limits else None
+    known = [q for q in limits if q is not None]
+    return min(known) if known else None
 
 
 def _ancestors(root: str, path: str) -> list[str]:
@@ -528,10 +528,8 @@ def _open_files(pid: str) -> list[str]:
         return []
     links = []
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
     return links
 
 
@@ -539,7 +537,8 @@ def _session_dir() -> str | None:
     """The session directory of the cluster this process is connected to (Ray-private)."""
     try:
         from ray._private import worker
-        return worker._global_node.get_session_dir_path()
+        node: Any = worker._global_node
+        return node.get_session_dir_path()
     except Exception:
         return None
 
@@ -548,7 +547,8 @@ def _raylet_pid() -> int | None:
     """The embedded cluster's raylet's pid (Ray-private; None if Ray moved it)."""
     try:
         from ray._private import ray_constants, worker
-        processes = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+        node: Any = worker._global_node
+        processes = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
         return int(processes[0].process.pid)
     except Exception:
         return None
@@ -582,7 +582,7 @@ def _start_reaper() -> subprocess.Popen | None:
 
 
 def _announce(reaper: subprocess.Popen | None, session: str | None, raylet: int | None) -> None:
-    if reaper is None or not session:
+    if reaper is None or reaper.stdin is None or not session:
         return
     try:
         reaper.stdin.write(f"{session} {raylet or ''}\n".encode())
@@ -593,7 +593,7 @@ def _announce(reaper: subprocess.Popen | None, session: str | None, raylet: int 
 
 def _stop_reaper(reaper: subprocess.Popen | None, timeout: float = 5.0) -> None:
     """Let the reaper sweep what ray.shutdown left, and wait for it."""
-    if reaper is None:
+    if reaper is None or reaper.stdin is None:
         return
     try:
         reaper.stdin.close()

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 
@@ -93,7 +93,7 @@ _COLOR_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field"
                  "immunohistochemistry", "retina", "colorwheel")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> np.ndarray:
     from skimage import data
     img = getattr(data, name)().astype(np.float32) / 255.0
