@@ -49,6 +49,7 @@ from pipeline.engine.records import (
     OutputFile,
     ShardManifest,
     ShardRecord,
+    ShardWork,
     TensorLayout,
     WrittenFile,
 )
@@ -195,10 +196,9 @@ def _numerics(manifests: list[ShardManifest]) -> NumericsRecord:
 
 def _engine_record(executor, chosen: str, shards: list[Shard],
                    manifests: list[ShardManifest]) -> EngineRecord:
-    records = [ShardRecord(index=s.index, files=[f.name for f in s.files], units=m.units,
-                           cost_estimate_s=m.cost_estimate_s, node=m.node, pid=m.pid,
-                           device=m.device, bytes_read=m.bytes_read, seconds=m.seconds,
-                           svd_calls=m.svd_calls, peak_rss_bytes=m.peak_rss_bytes)
+    work = set(ShardWork.model_fields)
+    records = [ShardRecord(index=s.index, files=[f.name for f in s.files],
+                           **dict(m.model_dump(include=work), seconds=m.seconds))
                for s, m in zip(shards, manifests)]
     # Workers are reused across shards: the largest lifetime peak bounds each.
     peak = max((m.peak_rss_bytes for m in manifests), default=None)

@@ -57,11 +57,9 @@ class ShardSeconds(_Record):
     svd: float
 
 
-class ShardManifest(_Record):
-    """What a worker returns for its shard: small, never tensors."""
+class ShardWork(_Record):
+    """Where a shard ran and what it cost: in the worker's manifest and in the report."""
 
-    shard: int
-    files: list[WrittenFile]
     units: int
     cost_estimate_s: float
     node: str
@@ -70,23 +68,23 @@ class ShardManifest(_Record):
     bytes_read: int
     seconds: ShardSeconds
     svd_calls: int
-    numerics: list[str]  # numerical fallbacks, one line each
     # Lifetime peak of the worker process (Ray reuses workers): an upper bound per shard.
     peak_rss_bytes: int
 
 
-class ShardRecord(_Record):
+class ShardManifest(ShardWork):
+    """What a worker returns for its shard: small, never tensors."""
+
+    shard: int
+    files: list[WrittenFile]
+    numerics: list[str]  # numerical fallbacks, one line each
+
+
+class ShardRecord(ShardWork):
+    """A shard in the merge report: its work, and the names of the files it wrote."""
+
     index: int
     files: list[str]
-    units: int
-    cost_estimate_s: float
-    node: str
-    pid: int
-    device: str
-    bytes_read: int
-    seconds: ShardSeconds
-    svd_calls: int
-    peak_rss_bytes: int
 
 
 class EngineRecord(BaseModel):

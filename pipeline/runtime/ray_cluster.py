@@ -570,7 +570,8 @@ def _start_reaper() -> subprocess.Popen | None:
     import ray
     if not sys.platform.startswith("linux"):
         return None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import pipeline
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__)))  # imports it
     package = os.path.dirname(os.path.abspath(ray.__file__)) + os.sep
     try:
         return subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, root, package,
