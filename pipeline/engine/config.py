@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from pipeline.errors import InputError
-from pipeline.methods import get_method
+from pipeline.methods import DEFAULT_EXCLUDE, get_method
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -114,7 +114,7 @@ class MergeConfig(ClusterOptions):
     output: Literal["model", "task_vector"] = Field(
         "model", description="write the merged model, or the merged task vector tau_M itself "
                              "(for alpha sweeps)", json_schema_extra=_flag())
-    exclude: PathList = Field(default_factory=lambda: ["text_projection"],
+    exclude: PathList = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
                               description="substrings of 2-D keys merged by the task mean "
                                           "instead of the SVD methods",
                               json_schema_extra=_flag("SUBSTRING"))

@@ -24,7 +24,7 @@ from pipeline.errors import InputError, TransientError
 from pipeline.io.output import done_marker, write_json_atomic
 from pipeline.io.reader import Checkpoint, open_checkpoint
 from pipeline.io.safetensors_io import DTYPES, write_stream
-from pipeline.methods import MethodSpec, compress_key, merge_key, numerics_log
+from pipeline.methods import DEFAULT_EXCLUDE, MethodSpec, compress_key, merge_key, numerics_log
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class MergeSettings:
     params: dict[str, Any]
     alpha: float
     mode: OutputMode = "model"
-    exclude: tuple[str, ...] = ("text_projection",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     compute_dtype: str = "F32"
     device: str = "cpu"
     threads: int = 1

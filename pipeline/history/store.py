@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, OutputError
 from pipeline.io.output import fsync_path
+from pipeline.io.storage import is_uri
 
 ROW_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -121,7 +122,7 @@ def make_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
+    if is_uri(root):
         try:
             return pafs.FileSystem.from_uri(root)
         except Exception as exc:  # pyarrow raises several types for bad URIs

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 from pipeline.errors import InputError
 from pipeline.io.reader import Checkpoint, TensorSpec
+from pipeline.io.safetensors_io import FLOAT_DTYPES
 
-MERGEABLE_FLOATS = ("F64", "F32", "F16", "BF16")
+MERGEABLE_FLOATS = FLOAT_DTYPES
 COPIED_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64")
 
 

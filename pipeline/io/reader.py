@@ -21,7 +21,7 @@ import torch
 
 from pipeline.errors import CorruptFileError, InputError
 from pipeline.io import storage
-from pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsFile
+from pipeline.io.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -40,7 +40,7 @@ class TensorSpec:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in ("F64", "F32", "F16", "BF16")
+        return self.dtype in FLOAT_DTYPES
 
 
 class Checkpoint:

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from pipeline.io.reader import load_torch_state_dict
-from pipeline.io.safetensors_io import SafetensorsFile
+from pipeline.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from pipeline.io.storage import open_range_reader
 
-FLOATS = ("F64", "F32", "F16", "BF16")
 CHUNK = 16 << 20
 
 
@@ -43,7 +42,7 @@ def _scan_safetensors(location: str) -> dict[str, Any]:
             tensor = f.read(key)
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data
                           if tensor.numel() else b"")
-            if entry.dtype in FLOATS and not bool(torch.isfinite(tensor).all()):
+            if entry.dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
                 bad.append(key)
         return {"path": location, "size": f.size, "sha256": digest.hexdigest(),
                 "nonfinite": sorted(bad)}
