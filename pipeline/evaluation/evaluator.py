@@ -24,7 +24,7 @@ EVAL_BATCH = 100
 
 
 @dataclass(frozen=True)
-class Shard:
+class RowRange:
     """Rows [start, stop) of one task split, with its frozen head."""
 
     task: str
@@ -91,7 +91,7 @@ class Evaluator:
         self.current = weights
 
     @torch.inference_mode()
-    def count(self, weights: Weights, shard: Shard,
+    def count(self, weights: Weights, shard: RowRange,
               split: tuple[np.ndarray, np.ndarray, torch.Tensor]) -> tuple[int, int]:
         """(correct, total) of top-1 predictions on the shard's rows of `split`
         (images, labels, head)."""

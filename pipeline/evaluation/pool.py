@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation.data import TaskData
-from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, Shard
+from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, RowRange
 from pipeline.models.weights import Weights
 from pipeline.runtime.executors import choose_device, progress, stream_results
 from pipeline.runtime.ray_cluster import connect
@@ -24,9 +24,9 @@ SHARD_ROWS = 2 * EVAL_BATCH
 MAX_RESTARTS = 3
 
 
-def plan_shards(task: str, split: str, rows: int, shard_rows: int = SHARD_ROWS) -> list[Shard]:
+def plan_shards(task: str, split: str, rows: int, shard_rows: int = SHARD_ROWS) -> list[RowRange]:
     shard_rows = max(EVAL_BATCH, shard_rows - shard_rows % EVAL_BATCH)
-    return [Shard(task, split, i, min(rows, i + shard_rows)) for i in range(0, rows, shard_rows)]
+    return [RowRange(task, split, i, min(rows, i + shard_rows)) for i in range(0, rows, shard_rows)]
 
 
 class EvaluationPool:
