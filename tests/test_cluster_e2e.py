@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -78,14 +79,18 @@ def test_nightly_job_through_the_jobs_api(local_head, tiny_suite, tmp_path):
     history, report, work = (str(tmp_path / n) for n in ("history", "report.html", "work"))
     runtime_env = {"env_vars": {"MERGE_PIPELINE_GIT_COMMIT": "0123abcd" * 5,
                                 "MERGE_PIPELINE_PROGRESS": "0"}}
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--working-dir", REPO, "--runtime-env-json",
-         json.dumps(runtime_env), "--", sys.executable, "ray_jobs/nightly.py",
-         "--config", "cluster/nightly.yaml", "--suites", tiny_suite[0], "--tasks", "2",
-         "--methods", "task_arithmetic,iso_cts", "--workers", "1", "--history", history,
-         "--report", report, "--work-dir", work, "--cache", tiny_suite[1]],
-        env=client, cwd=REPO, capture_output=True, text=True, timeout=900)
-    log = submit.stdout + submit.stderr
+    for _ in range(6):  # the head's job agent can register a few seconds after the Jobs API
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--working-dir", REPO, "--runtime-env-json",
+             json.dumps(runtime_env), "--", sys.executable, "ray_jobs/nightly.py",
+             "--config", "cluster/nightly.yaml", "--suites", tiny_suite[0], "--tasks", "2",
+             "--methods", "task_arithmetic,iso_cts", "--workers", "1", "--history", history,
+             "--report", report, "--work-dir", work, "--cache", tiny_suite[1]],
+            env=client, cwd=REPO, capture_output=True, text=True, timeout=900)
+        log = submit.stdout + submit.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, log[-4000:]
     assert "succeeded" in log
 
