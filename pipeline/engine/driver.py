@@ -1,9 +1,10 @@
 """The driver: validate, plan, run shards on an executor, assemble the output atomically.
 
 The driver holds headers, plans and manifests, never tensors: every tensor is read, merged and
-written by the shard that owns it (`merge.run_shard`). The output directory appears only when
-complete (`StagedOutput`), with an index, the base's `config.json` and a `merge_report.json`
-that says what was done, with what, how fast, and which numerical fallbacks were needed.
+written by the shard that owns it (`engine.worker.run_shard`). The output directory appears
+only when complete (`StagedOutput`), with an index, the base's `config.json` and a
+`merge_report.json` that says what was done, with what, how fast, and which numerical
+fallbacks were needed.
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
 
 def _artefact_meta(units: list[MergeUnit], method: MethodSpec, settings: MergeSettings,
                    config: MergeConfig) -> dict[str, Any]:
-    """How to rebuild each stored key from a TSV-C artefact (see `tsv_c_artefact`). The
+    """How to rebuild each stored key from a TSV-C artefact (see `engine.expand`). The
     factors are of the unit in open_clip's orientation: `transposed` says to turn it back."""
     described = {}
     for u in units:

@@ -2,8 +2,9 @@
 
 Everything here needs only headers, so it costs milliseconds even for ViT-L. Floating dtypes
 may differ between checkpoints (an fp32 base with bf16 fine-tunes is common): every input is
-upcast to the compute dtype anyway. A floating key can never meet an integer one. Finiteness needs
-the data; workers check it on every tensor they read, before using it (see `merge.py`).
+upcast to the compute dtype anyway. A floating key can never meet an integer one. Finiteness
+needs the data; workers check it on every tensor they read, before using it
+(see `engine/worker.py`).
 """
 
 from __future__ import annotations
