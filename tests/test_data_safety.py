@@ -458,3 +458,25 @@ def test_auto_engine_merges_small_models_in_process_and_says_why(inputs, capsys)
     assert report.engine.kind == "local"
     assert report.engine.chosen.startswith("auto: small merge")
     assert "executor_start" in report.timings_s
+
+
+def test_verify_reads_reports_from_before_schema_versions_and_refuses_newer_ones(merged,
+                                                                                  capsys):
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["schema_version"] == 2
+    old = {k: v for k, v in report.items() if k not in ("schema_version", "metadata_files")}
+    (merged / "merge_report.json").write_text(json.dumps(old))
+    assert main(["verify", str(merged)]) == 0
+    assert "not checked: index/config.json bytes" in capsys.readouterr().out
+    (merged / "merge_report.json").write_text(json.dumps({**report, "schema_version": 99}))
+    assert main(["verify", str(merged)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "schema version 99 is newer" in err and len(err.splitlines()) == 1
+
+
+def test_the_report_is_a_typed_record_that_round_trips(merged):
+    from pipeline.engine.records import MergeReport
+    text = (merged / "merge_report.json").read_text()
+    report = MergeReport.from_json(text)
+    assert report.to_json() == text
+    assert report.engine.kind == "local" and report.outputs and report.metadata_files
