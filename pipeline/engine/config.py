@@ -264,6 +264,13 @@ def _field_kind(annotation: Any) -> tuple[str, tuple[str, ...]]:
 GROUP_TITLES = {"merge": "merge options", "cluster": "cluster options"}
 
 
+def flag_of(model: type[BaseModel], name: str) -> str:
+    """The command-line flag of a field: its declared one (`--param`, `--no-input-scan`) or
+    its name with dashes. Help texts and error messages both use it."""
+    facts = cast(dict[str, Any], model.model_fields[name].json_schema_extra or {})
+    return facts.get("flag") or "--" + name.replace("_", "-")
+
+
 def add_options(parser: argparse.ArgumentParser, model: type[BaseModel] = MergeConfig) -> None:
     """One flag per field of `model`, help text and choices from the field itself.
 
@@ -278,7 +285,7 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel] = MergeC
     for name, field in model.model_fields.items():
         facts = facts_of[name]
         group = groups[facts["group"]]
-        flag = facts.get("flag") or "--" + name.replace("_", "-")
+        flag = flag_of(model, name)
         kind, choices = _field_kind(field.annotation)
         help_text = field.description or ""
         if field.is_required():
@@ -336,7 +343,7 @@ _REASONS = {
     "int_from_float": "must be a whole number",
     "dict_type": "must be a mapping of name: value",
     "list_type": "must be a list of strings", "string_type": "must be a string",
-    "missing": "is required", "extra_forbidden": "is not a merge option",
+    "missing": "is required",
     "too_short": "needs at least one entry",
 }
 
@@ -347,10 +354,8 @@ def _one_line(exc: ValidationError, model: type[BaseModel], flags: Mapping[str, 
     errors = exc.errors()
     error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     name = str(error["loc"][0]) if error["loc"] else "config"
-    where = (f"--{name.replace('_', '-')}" if name in flags or source is None
-             else f"{source}: {name}")
-    if name == "scan_inputs" and name in flags:
-        where = "--no-input-scan"
+    flagged = name in model.model_fields and (name in flags or source is None)
+    where = flag_of(model, name) if flagged else f"{source or 'options'}: {name}"
     reason = _REASONS.get(error["type"])
     if reason is None:
         reason = str(error["msg"]).removeprefix("Value error, ").replace("Input should be",

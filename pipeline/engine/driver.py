@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 import uuid
@@ -57,11 +56,11 @@ from pipeline.engine.records import (
 from pipeline.engine.worker import Fault, MergeSettings, ShardJob, run_shard, shard_statistics
 from pipeline.errors import InputError, OutputError, PipelineError
 from pipeline.io import StagedOutput, check_compatible, open_checkpoint
-from pipeline.io.output import REPORT_NAME, done_marker, prepare_output
+from pipeline.io.output import REPORT_NAME, check_free_space, done_marker, prepare_output
 from pipeline.io.reader import Checkpoint
 from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size
 from pipeline.io.scan import describe_file, scan_file
-from pipeline.io.storage import canonical, output_directory
+from pipeline.io.storage import canonical
 from pipeline.methods import MethodSpec, get_method
 from pipeline.runtime.executors import make_executor
 
@@ -102,10 +101,10 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) ->
         statistics = _model_statistics(run.executor, plan, run.clock)
         with run.clock("merge"):
             shards, manifests = _run_shards(run.executor, plan, statistics, fault)
-        written = _write_index(out, run.settings.mode, run.files,
-                               [f for m in manifests for f in m.files] + list(reused.values()))
-        metadata_files = _write_metadata(out, run.settings.mode, config, run.specs,
-                                         run.settings, run.base)
+        fresh = [f for m in manifests for f in m.files]
+        _read_back(out, fresh)  # reused files were hashed by _verified_files just now
+        written = _write_index(out, run.settings.mode, run.files, fresh + list(reused.values()))
+        metadata_files = _write_metadata(out, run, config)
         run.clock.stop()
         report = _report(run, inputs, statistics, written, metadata_files, shards, manifests,
                          sorted(reused))
@@ -125,6 +124,7 @@ class _Prepared:
     base: Checkpoint
     tuned: list[Checkpoint]
     specs: dict[str, Any]
+    input_dtypes: dict[str, list[str]]
     files: list[PlannedFile]
     executor: Any
     engine_choice: str
@@ -140,21 +140,21 @@ def _prepare(config: MergeConfig, executor) -> _Prepared:
     _check_distinct_locations(sources)
     prepare_output(config.out, config.overwrite, sources)
     with clock("validate_and_plan"):
-        base, tuned, specs = _open_inputs(config)
+        base, tuned, specs, input_dtypes = _open_inputs(config)
         files = plan_files(specs, method, len(tuned), mode=mode,
                            compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                            output_dtype=_dtype_name(config.output_dtype),
                            fuse_qkv=config.fuse_qkv, exclude=config.exclude,
                            max_file_bytes=config.max_shard_bytes)
-    _check_free_space(config.out, files)
+    check_free_space(config.out, sum(f.nbytes for f in files))
     with clock("executor_start"):
         executor, engine_choice = _executor_for(config, files, executor)
     settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
                              exclude=tuple(config.exclude),
                              compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                              device=executor.device, threads=config.threads)
-    return _Prepared(config, clock, method, settings, base, tuned, specs, files, executor,
-                     engine_choice)
+    return _Prepared(config, clock, method, settings, base, tuned, specs, input_dtypes, files,
+                     executor, engine_choice)
 
 
 def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str, Any],
@@ -174,7 +174,8 @@ def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str,
         timings_s={k: round(v, 4) for k, v in run.clock.seconds.items()},
         engine=_engine_record(run.executor, run.engine_choice, shards, manifests),
         numerics=_numerics(manifests), resumed_files=reused,
-        dtypes=_dtypes(run.base, run.tuned, config, run.files))
+        dtypes=DtypesRecord(inputs=run.input_dtypes, compute=settings.compute_dtype,
+                            output=sorted({d for f in run.files for _, d, _ in f.layout})))
 
 
 def _options(config: MergeConfig) -> dict[str, Any]:
@@ -199,7 +200,7 @@ def _engine_record(executor, chosen: str, shards: list[Shard],
                    manifests: list[ShardManifest]) -> EngineRecord:
     work = set(ShardWork.model_fields)
     records = [ShardRecord(index=s.index, files=[f.name for f in s.files],
-                           **dict(m.model_dump(include=work), seconds=m.seconds))
+                           **m.model_dump(include=work))
                for s, m in zip(shards, manifests)]
     # Workers are reused across shards: the largest lifetime peak bounds each.
     peak = max((m.peak_rss_bytes for m in manifests), default=None)
@@ -248,18 +249,20 @@ class ShardPlan:
                         for shard in shards]
 
 
-def _open_inputs(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any]]:
-    """Headers only: the checkpoints (closed again; their locations and specs stay known)."""
+def _open_inputs(config: MergeConfig
+                 ) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any], dict[str, list[str]]]:
+    """Headers only: the checkpoints (closed again; their locations stay known), the base's
+    specs, and each input's floating dtypes for the report, read while the headers are open."""
     base = open_checkpoint(config.base)
     tuned = [open_checkpoint(path) for path in config.finetuned]
     try:
         specs = check_compatible(base, tuned)
-        for ckpt in tuned:
-            ckpt.specs()  # cache every header now: the report lists each input's dtypes
+        input_dtypes = {c.location: sorted({s.dtype for s in c.specs().values() if s.is_float})
+                        for c in [base, *tuned]}
     finally:
         for ckpt in [base, *tuned]:
             ckpt.close()
-    return base, tuned, specs
+    return base, tuned, specs, input_dtypes
 
 
 def _executor_for(config: MergeConfig, files: list[PlannedFile], given) -> tuple[Any, str]:
@@ -312,30 +315,19 @@ def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fa
     return shards, manifests
 
 
-def _write_metadata(out: StagedOutput, mode: OutputMode, config: MergeConfig,
-                    specs: dict[str, Any], settings: MergeSettings, base: Checkpoint
+def _write_metadata(out: StagedOutput, run: _Prepared, config: MergeConfig
                     ) -> list[FileRecord]:
     """The small files beside the tensors, each read back and hashed for the report."""
     names = []
-    if mode == "compressed":
-        units = build_units(specs, config.fuse_qkv)
-        out.write_json("tsv_c.json", _artefact_meta(units, get_method(settings.method),
-                                                    settings, config))
+    if run.settings.mode == "compressed":
+        units = build_units(run.specs, config.fuse_qkv)
+        out.write_json("tsv_c.json", _artefact_meta(units, run.method, run.settings, config))
         names.append("tsv_c.json")
-    if mode == "model" and base.config_location:
-        out.copy_in(base.config_location, "config.json")
+    if run.settings.mode == "model" and run.base.config_location:
+        out.copy_in(run.base.config_location, "config.json")
         names.append("config.json")
     names += [n for n in INDEX_NAMES.values() if os.path.exists(out.file(n))]
     return [FileRecord(**describe_file(out.file(name))) for name in sorted(names)]
-
-
-def _dtypes(base: Checkpoint, tuned: list[Checkpoint], config: MergeConfig,
-            files: list[PlannedFile]) -> DtypesRecord:
-    def floats(ckpt: Checkpoint) -> list[str]:
-        return sorted({s.dtype for s in ckpt.specs().values() if s.is_float})
-    return DtypesRecord(inputs={c.location: floats(c) for c in [base, *tuned]},
-                        compute=COMPUTE_DTYPES[config.compute_dtype],
-                        output=sorted({d for f in files for _, d, _ in f.layout}))
 
 
 def _dtype_name(dtype: str | None) -> str | None:
@@ -388,17 +380,6 @@ def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, Written
     return verified
 
 
-def _check_free_space(out: str, files: list[PlannedFile]) -> None:
-    needed = sum(f.nbytes for f in files)
-    parent = os.path.dirname(output_directory(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    free = shutil.disk_usage(parent).free
-    if free < needed:
-        raise OutputError(f"{out}: the output needs {needed} bytes but only {free} are free "
-                          f"on its filesystem")
-
-
 def _describe_inputs(executor, base: Checkpoint, tuned: Sequence[Checkpoint]) -> dict[str, Any]:
     checkpoints = [base, *tuned]
     paths = [f for c in checkpoints for f in c.files]
@@ -434,18 +415,23 @@ def _check_distinct(described: list[dict[str, Any]]) -> None:
         fingerprints[fingerprint] = ckpt["location"]
 
 
+def _read_back(out: StagedOutput, written: list[WrittenFile]) -> None:
+    """Nothing is committed on a worker's word alone: each file it wrote is read back here and
+    must have the size and sha256 the worker reported."""
+    for entry in written:
+        found = describe_file(out.file(entry.name))
+        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
+            raise OutputError(f"{out.file(entry.name)}: holds {found['size']} bytes with "
+                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry.size} "
+                              f"bytes with sha256 {entry.sha256[:12]}; not committed")
+
+
 def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
                  written: list[WrittenFile]) -> list[OutputFile]:
     written = sorted(written, key=lambda f: f.name)
     expected = sorted(f.name for f in files)
     if [f.name for f in written] != expected:
         raise RuntimeError(f"shards wrote {[f.name for f in written]}, planned {expected}")
-    for entry in written:  # nothing is committed on a worker's word alone: read it back
-        found = describe_file(out.file(entry.name))
-        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
-            raise OutputError(f"{out.file(entry.name)}: holds {found['size']} bytes with "
-                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry.size} "
-                              f"bytes with sha256 {entry.sha256[:12]}; not committed")
     if len(files) > 1 or files[0].name != file_names(1, mode)[0]:
         weight_map = {key: f.name for f in written for key in f.tensors}
         total = sum(math.prod(t.shape) * dtype_size(t.dtype)

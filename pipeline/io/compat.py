@@ -15,7 +15,6 @@ from pipeline.errors import InputError
 from pipeline.io.reader import Checkpoint, TensorSpec
 from pipeline.io.safetensors_io import FLOAT_DTYPES
 
-MERGEABLE_FLOATS = FLOAT_DTYPES
 COPIED_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64")
 
 
@@ -27,9 +26,9 @@ def check_compatible(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> dict[
     if not specs:
         raise InputError(f"{base.location}: checkpoint has no tensors")
     for key, spec in specs.items():
-        if spec.dtype not in MERGEABLE_FLOATS + COPIED_DTYPES:
+        if spec.dtype not in FLOAT_DTYPES + COPIED_DTYPES:
             raise InputError(f"{base.location}: key {key!r} has dtype {spec.dtype}, which "
-                             f"cannot be merged (supported: {', '.join(MERGEABLE_FLOATS)})")
+                             f"cannot be merged (supported: {', '.join(FLOAT_DTYPES)})")
     for ckpt in finetuned:
         keys = set(ckpt.keys())
         missing, extra = sorted(set(specs) - keys), sorted(keys - set(specs))

@@ -68,6 +68,15 @@ def refuse_to_replace(final: str, location: str) -> None:
                          f"directory, so nothing was touched")
 
 
+def check_free_space(location: str, needed: int) -> None:
+    """Refuse an output its filesystem has no room for, before any compute."""
+    final = os.path.realpath(output_directory(location))
+    free = shutil.disk_usage(_existing_ancestor(os.path.dirname(final))).free
+    if free < needed:
+        raise OutputError(f"{location}: the output needs {needed} bytes but only {free} are "
+                          f"free on its filesystem")
+
+
 def _existing_ancestor(path: str) -> str:
     while not os.path.lexists(path):
         path = os.path.dirname(path)
