@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.bench.suites.build import ensure_suite
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import library_versions, run_merge
-from pipeline.engine.records import REPORT_SCHEMA_VERSION
+from pipeline.engine.records import VersionedFile
 from pipeline.errors import InputError
 from pipeline.evaluation.data import TaskData, load_task
 from pipeline.evaluation.pool import EvaluationPool
@@ -60,11 +60,9 @@ class MergeCost(BaseModel):
     peak_rss_bytes: int | None
 
 
-class BenchSummary(BaseModel):
+class BenchSummary(VersionedFile):
     """`summary.json`: the benchmark's rows, sweeps and costs (read by history and nightly)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: int = REPORT_SCHEMA_VERSION
     suite: str
     suite_dir: str
     tasks: list[str]
@@ -76,9 +74,6 @@ class BenchSummary(BaseModel):
     early_stop: bool
     timings_s: dict[str, float]
     versions: dict[str, str]
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
 @dataclass

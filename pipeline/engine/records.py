@@ -137,6 +137,16 @@ def _parse(cls: type[BaseModel], text: str | bytes, where: str) -> Any:
         raise InputError(f"{where}: malformed ({field}: {first['msg']})") from None
 
 
+class VersionedFile(BaseModel):
+    """A record written as a whole JSON file, with the schema version readers check."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = REPORT_SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
 class OutputListing(BaseModel):
     """The part of any report of ours (merge or expand) that says which files the output
     holds: all that `verify` relies on. Version 1 reports lack `metadata_files` (None)."""
@@ -158,11 +168,9 @@ class OutputListing(BaseModel):
         return _parse(cls, text, where)
 
 
-class ExpandReport(BaseModel):
+class ExpandReport(VersionedFile):
     """`merge_report.json` of a model rebuilt from a TSV-C artefact by `expand`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: int = REPORT_SCHEMA_VERSION
     kind: str = "expand"
     method: str
     task: int
@@ -174,15 +182,10 @@ class ExpandReport(BaseModel):
     created: str
     timings_s: dict[str, float]
 
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
-
-class MergeReport(BaseModel):
+class MergeReport(VersionedFile):
     """`merge_report.json`: what was merged, how, from what, into which files."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: int = REPORT_SCHEMA_VERSION
     run_id: str
     created: str
     method: str
@@ -203,9 +206,6 @@ class MergeReport(BaseModel):
     numerics: NumericsRecord
     resumed_files: list[str] = Field(default_factory=list)
     dtypes: DtypesRecord | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "merge_report.json") -> "MergeReport":
