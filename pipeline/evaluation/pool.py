@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.data import TaskData
 from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, RowRange
 from pipeline.models.weights import Weights
-from pipeline.runtime.executors import choose_device, progress, stream_results
+from pipeline.runtime.executors import choose_device, progress, ray_slots, stream_results
 from pipeline.runtime.ray_cluster import connect
 
 Request = tuple[Weights, str, str]  # (weights, task, split)
@@ -49,15 +49,9 @@ class EvaluationPool:
         import ray
 
         self.cluster = connect(address)  # the same start-up as the merge executor's
-        resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0)
-        self.device = choose_device(device, gpus > 0)
-        if self.device == "cuda":
-            options = dict(num_cpus=1, num_gpus=gpus_per_actor)
-            available = int(gpus / gpus_per_actor)
-        else:
-            options = dict(num_cpus=threads, num_gpus=0)
-            available = int(resources.get("CPU", 1) // threads)
+        self.device, available = ray_slots(device, threads, gpus_per_actor)
+        options = (dict(num_cpus=1, num_gpus=gpus_per_actor) if self.device == "cuda" else
+                   dict(num_cpus=threads, num_gpus=0))
         self.workers = max(1, min(workers or available, available or 1))
         actor_cls = ray.remote(Evaluator).options(max_restarts=MAX_RESTARTS,
                                                   max_task_retries=MAX_RESTARTS, **options)

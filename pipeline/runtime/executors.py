@@ -75,15 +75,9 @@ class RayExecutor:
         self.cluster = connect(address)  # fails fast, in one line, on an unreachable address
         self.startup_s = self.cluster.startup_s  # Ray start-up (or joining), for the report
         self.embedded = self.cluster.embedded
-        resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0)
-        self.device = choose_device(device, gpus > 0)
+        self.device, available = ray_slots(device, threads, gpus_per_task)
         self.threads = threads
         self.gpus_per_task = gpus_per_task if self.device == "cuda" else 0
-        if self.device == "cuda":
-            available = int(gpus / gpus_per_task) if gpus else 0
-        else:
-            available = int(resources.get("CPU", 1) // threads)
         self.workers = max(1, workers or available)
         self._remote: dict[Callable, Any] = {}
         self.ray_version = ray.__version__
@@ -117,6 +111,19 @@ class RayExecutor:
                 "threads_per_worker": self.threads, "gpus_per_task": self.gpus_per_task,
                 "ray_version": self.ray_version, "startup_s": round(self.startup_s, 4),
                 "embedded_cluster": self.embedded}
+
+
+def ray_slots(device: str, threads: int, gpu_share: float) -> tuple[str, int]:
+    """The device work will run on, and how many tasks or actors of `threads` CPUs (or
+    `gpu_share` of a GPU) the connected cluster runs at once: merge shards and evaluation
+    actors are sized alike."""
+    import ray
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    chosen = choose_device(device, gpus > 0)
+    if chosen == "cuda":
+        return chosen, int(gpus / gpu_share) if gpus else 0
+    return chosen, int(resources.get("CPU", 1) // threads)
 
 
 def stream_results(submit_next: Callable[[], tuple[Any, Any] | None], capacity: int,
