@@ -13,7 +13,7 @@ from pipeline.io import open_checkpoint
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import run_merge
 from pipeline.runtime.executors import LocalExecutor, RayExecutor
-from pipeline.engine.worker import Fault
+from pipeline.engine.worker import Fault, ShardResult
 from pipeline.methods.ties import reference_ties
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,10 @@ def test_ray_matches_in_process_at_any_worker_count(method, tiny_example, ray_cl
 def test_shards_finishing_in_any_order_give_the_same_bits(tiny_example, ray_cluster, tmp_path):
     """Reverse the shard order the engine submits: completion order must not matter."""
     class Reversed(RayExecutor):
-        def map(self, fn, calls, desc=""):
-            return list(reversed(super().map(fn, list(reversed(calls)), desc)))
+        def imap(self, fn, calls, desc=""):
+            last = len(calls) - 1
+            for i, result in super().imap(fn, list(reversed(calls)), desc):
+                yield last - i, result
 
     merge(tiny_example, tmp_path / "a", "iso_cts", executor=RayExecutor(workers=2))
     merge(tiny_example, tmp_path / "b", "iso_cts", executor=Reversed(workers=2))
@@ -138,6 +140,8 @@ def test_injected_fault_without_retry_leaves_no_output(tiny_example, tmp_path):
 def _tensors_in(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return 1
+    if isinstance(obj, ShardResult):  # merged tensors returned to the driver count too
+        return sum(len(arrays) for arrays in obj.tensors.values())
     if isinstance(obj, dict):
         return sum(_tensors_in(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -152,10 +156,10 @@ def test_driver_receives_only_manifests(method, tiny_example, tmp_path):
     received = []
 
     class Recording(LocalExecutor):
-        def map(self, fn, calls, desc=""):
-            results = super().map(fn, calls, desc)
-            received.extend(results)
-            return results
+        def imap(self, fn, calls, desc=""):
+            for i, result in super().imap(fn, calls, desc):
+                received.append(result)
+                yield i, result
 
     merge(tiny_example, tmp_path / "m", method, executor=Recording())
     assert received and _tensors_in(received) == 0
@@ -253,15 +257,14 @@ class _InterruptAfter(LocalExecutor):
         super().__init__("cpu")
         self.n = n
 
-    def map(self, fn, calls, desc=""):
+    def imap(self, fn, calls, desc=""):
         if fn.__name__ != "run_shard":
-            return super().map(fn, calls, desc)
-        results = []
-        for args in calls:
-            if len(results) == self.n:
+            yield from super().imap(fn, calls, desc)
+            return
+        for i, args in enumerate(calls):
+            if i == self.n:
                 raise KeyboardInterrupt
-            results.append(fn(*args))
-        return results
+            yield i, fn(*args)
 
 
 def test_resume_never_reuses_files_when_an_input_changed(tiny_example, tmp_path):

@@ -145,9 +145,9 @@ def test_nan_is_refused_by_the_input_scan_before_anything_is_written(example, tm
     from pipeline.runtime.executors import LocalExecutor
 
     class Recording(LocalExecutor):
-        def map(self, fn, calls, desc=""):
+        def imap(self, fn, calls, desc=""):
             executor_calls.append(fn.__name__)
-            return super().map(fn, calls, desc)
+            return super().imap(fn, calls, desc)
 
     with pytest.raises(InputError, match=f"{key!r} contains NaN"):
         run_merge(MergeConfig(base=example[0], finetuned=[example[1][1], str(bad)],

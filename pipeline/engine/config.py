@@ -99,7 +99,8 @@ class MergeConfig(ClusterOptions):
                                 json_schema_extra=_flag("PATH"))
     method: str = Field(description="merge method (see 'methods' below)",
                         json_schema_extra=_flag("NAME"))
-    out: str = Field(description="output directory (a local path or file:// URI); it appears "
+    out: str = Field(description="output directory: a local path, or a pyarrow.fs URI "
+                                 "(s3://bucket/prefix, gs://, hdfs://, file://); it appears "
                                  "only when complete",
                      json_schema_extra=_flag("DIR"))
     alpha: Number | None = Field(None, description="scaling of the merged task vector: "
@@ -147,6 +148,13 @@ class MergeConfig(ClusterOptions):
     threads: WholeNumber = Field(1, ge=1, description="math threads per worker, fixed so the "
                                                       "bits never depend on the worker count",
                                  json_schema_extra=_flag("N", group="cluster"))
+    assembly: Literal["auto", "workers", "driver"] = Field(
+        "auto", description="who writes the output files on Ray: workers (each writes its "
+                            "shard's files; every node must see a local --out, e.g. on a "
+                            "shared filesystem), driver (workers send merged tensors through "
+                            "Ray's object store; no shared storage needed), or auto: workers "
+                            "when a probe shows every node sees --out, else driver",
+        json_schema_extra=_flag(group="cluster"))
     gpus_per_task: Number = Field(1.0, gt=0, description="GPU share per shard task when GPUs "
                                                         "are used (0.5 packs two per GPU)",
                                   json_schema_extra=_flag("G", group="cluster"))

@@ -1,8 +1,12 @@
-"""The driver: validate, plan, run shards on an executor, assemble the output atomically.
+"""The driver: validate, plan, probe the nodes, run shards on an executor, commit the output.
 
-The driver holds headers, plans and manifests, never tensors: every tensor is read, merged and
-written by the shard that owns it (`engine.worker.run_shard`). The output directory appears
-only when complete (`StagedOutput`), with an index, the base's `config.json` and a
+Every tensor is read and merged by the shard that owns it (`engine.worker.run_shard`). Who
+writes the files is the assembly (`--assembly`): the workers, into the output's staging
+location, when every node shares it (one machine, a shared filesystem, an object store); else
+the driver, from the tensors the workers return through Ray's object store, one shard at a time
+so its memory stays bounded by a shard. Either way the driver reads every file back and checks
+its size and sha256 before the commit. The output appears only when complete
+(`io.output.open_staged_output`), with an index, the base's `config.json` and a
 `merge_report.json` that says what was done, with what, how fast, and which numerical
 fallbacks were needed.
 """
@@ -14,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -39,6 +42,7 @@ from pipeline.engine.plan import (
     pack_shards,
     plan_files,
 )
+from pipeline.engine.probe import HiddenPath, check_nodes
 from pipeline.engine.records import (
     DtypesRecord,
     EngineRecord,
@@ -53,14 +57,27 @@ from pipeline.engine.records import (
     TensorLayout,
     WrittenFile,
 )
-from pipeline.engine.worker import Fault, MergeSettings, ShardJob, run_shard, shard_statistics
+from pipeline.engine.worker import (
+    Fault,
+    MergeSettings,
+    ShardJob,
+    ShardResult,
+    run_shard,
+    shard_statistics,
+)
 from pipeline.errors import InputError, OutputError, PipelineError
-from pipeline.io import StagedOutput, check_compatible, open_checkpoint
-from pipeline.io.output import REPORT_NAME, check_free_space, done_marker, prepare_output
+from pipeline.io import StagedOutput, check_compatible, open_checkpoint, open_staged_output
+from pipeline.io.output import (
+    REPORT_NAME,
+    check_free_space,
+    done_marker,
+    prepare_output,
+    write_json_atomic,
+)
 from pipeline.io.reader import Checkpoint
-from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size
+from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size, write_tensor_bytes
 from pipeline.io.scan import describe_file, scan_file
-from pipeline.io.storage import canonical
+from pipeline.io.storage import canonical, exists, read_bytes, remove, size_of
 from pipeline.methods import MethodSpec, get_method
 from pipeline.runtime.executors import make_executor
 
@@ -82,27 +99,33 @@ INDEX_NAMES = {"model": "model.safetensors.index.json",
 AUTO_RAY_ABOVE_S = 30.0
 
 
-def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None) -> MergeReport:
+def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None,
+              hidden: HiddenPath | None = None) -> MergeReport:
     """Merge as `config` says and return the merge report (also written to the output).
 
     Every check that needs no tensor bytes (options, output location, headers, free space,
-    the cluster) runs before the first tensor byte is read: `_prepare` reads none.
+    the cluster, what each node can see) runs before the first tensor byte is read:
+    `_prepare` reads none. `fault` and `hidden` inject failures for tests.
     """
-    run = _prepare(config, executor)
+    run = _prepare(config, executor, hidden)
     inputs = None
     if config.scan_inputs:  # before anything is written: a bad input leaves no trace
         with run.clock("scan_inputs"):
             inputs = _describe_inputs(run.executor, run.base, run.tuned)
-    with StagedOutput(config.out, overwrite=config.overwrite,
-                      run_key=_run_key(config, run.settings, inputs), resume=config.resume) as out:
+    with open_staged_output(config.out, overwrite=config.overwrite,
+                            run_key=_run_key(config, run.settings, inputs),
+                            resume=config.resume) as out:
         reused = _verified_files(out.path, run.files) if out.resumed else {}
         plan = ShardPlan(run.files, [f for f in run.files if f.name not in reused], run.base,
-                         run.tuned, run.settings, run.method, out.path, run.executor.workers)
+                         run.tuned, run.settings, run.method,
+                         out.path if run.assembly == "workers" else None,
+                         run.executor.workers)
         statistics = _model_statistics(run.executor, plan, run.clock)
         with run.clock("merge"):
-            shards, manifests = _run_shards(run.executor, plan, statistics, fault)
+            shards, manifests = _run_shards(run.executor, plan, statistics, fault, out)
+        with run.clock("read_back"):  # reused files were hashed by _verified_files just now
+            _read_back(out, manifests)
         fresh = [f for m in manifests for f in m.files]
-        _read_back(out, fresh)  # reused files were hashed by _verified_files just now
         written = _write_index(out, run.settings.mode, run.files, fresh + list(reused.values()))
         metadata_files = _write_metadata(out, run, config)
         run.clock.stop()
@@ -128,9 +151,10 @@ class _Prepared:
     files: list[PlannedFile]
     executor: Any
     engine_choice: str
+    assembly: str
 
 
-def _prepare(config: MergeConfig, executor) -> _Prepared:
+def _prepare(config: MergeConfig, executor, hidden: HiddenPath | None = None) -> _Prepared:
     clock = Clock()
     method = get_method(config.method)
     params = method.resolve_params(config.params)
@@ -149,12 +173,18 @@ def _prepare(config: MergeConfig, executor) -> _Prepared:
     check_free_space(config.out, sum(f.nbytes for f in files))
     with clock("executor_start"):
         executor, engine_choice = _executor_for(config, files, executor)
+    assembly = "workers"  # in-process, the driver is the worker
+    if executor.info()["kind"] == "ray":
+        with clock("probe_nodes"):
+            assembly = check_nodes(executor, prepare_output(config.out, config.overwrite),
+                                   [f for c in [base, *tuned] for f in c.files],
+                                   executor.device, config.assembly, hidden)
     settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
                              exclude=tuple(config.exclude),
                              compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                              device=executor.device, threads=config.threads)
     return _Prepared(config, clock, method, settings, base, tuned, specs, input_dtypes, files,
-                     executor, engine_choice)
+                     executor, engine_choice, assembly)
 
 
 def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str, Any],
@@ -172,7 +202,7 @@ def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str,
                         parameters=sum(math.prod(s.shape) for s in run.specs.values())),
         versions=library_versions(),
         timings_s={k: round(v, 4) for k, v in run.clock.seconds.items()},
-        engine=_engine_record(run.executor, run.engine_choice, shards, manifests),
+        engine=_engine_record(run, shards, manifests),
         numerics=_numerics(manifests), resumed_files=reused,
         dtypes=DtypesRecord(inputs=run.input_dtypes, compute=settings.compute_dtype,
                             output=sorted({d for f in run.files for _, d, _ in f.layout})))
@@ -196,7 +226,7 @@ def _numerics(manifests: list[ShardManifest]) -> NumericsRecord:
                           svd_calls=sum(m.svd_calls for m in manifests))
 
 
-def _engine_record(executor, chosen: str, shards: list[Shard],
+def _engine_record(run: _Prepared, shards: list[Shard],
                    manifests: list[ShardManifest]) -> EngineRecord:
     work = set(ShardWork.model_fields)
     records = [ShardRecord(index=s.index, files=[f.name for f in s.files],
@@ -204,8 +234,10 @@ def _engine_record(executor, chosen: str, shards: list[Shard],
                for s, m in zip(shards, manifests)]
     # Workers are reused across shards: the largest lifetime peak bounds each.
     peak = max((m.peak_rss_bytes for m in manifests), default=None)
-    return EngineRecord(**executor.info(), host=platform.node(), chosen=chosen,
-                        shards=records, peak_worker_rss_bytes=peak)
+    return EngineRecord(**run.executor.info(), host=platform.node(), chosen=run.engine_choice,
+                        shards=records, peak_worker_rss_bytes=peak, assembly=run.assembly,
+                        object_store_bytes=sum(m.returned_bytes for m in manifests),
+                        peak_driver_rss_bytes=_peak_rss())
 
 
 class Clock:
@@ -237,7 +269,7 @@ class ShardPlan:
     tuned: list[Checkpoint]
     settings: MergeSettings
     method: MethodSpec
-    out_dir: str
+    out_dir: str | None  # None: the workers return their tensors and the driver writes
     workers: int
 
     def jobs(self, files: list[PlannedFile], statistics: dict[str, Any] | None = None,
@@ -303,16 +335,35 @@ def _model_statistics(executor, plan: ShardPlan, clock: Clock) -> dict[str, Any]
         return state.result()
 
 
-def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fault | None
-                ) -> tuple[list[Shard], list[ShardManifest]]:
+def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fault | None,
+                out: StagedOutput) -> tuple[list[Shard], list[ShardManifest]]:
     shards, jobs = plan.jobs(plan.todo, statistics, fault)
+    manifests: list[ShardManifest | None] = [None] * len(jobs)
     try:
-        manifests = executor.map(run_shard, [(job,) for job in jobs],
-                                 desc=f"merge {plan.settings.method}")
+        for i, result in executor.imap(run_shard, [(job,) for job in jobs],
+                                       desc=f"merge {plan.settings.method}"):
+            manifests[i] = _assemble(out, shards[i], result)
+            del result  # a returned shard's tensors: freed before the next one arrives
     except OutputError as exc:
         raise OutputError(f"{exc}; the whole output needs "
                           f"{sum(f.nbytes for f in plan.files)} bytes") from exc
-    return shards, manifests
+    return shards, [m for m in manifests if m is not None]
+
+
+def _assemble(out: StagedOutput, shard: Shard, result: ShardResult) -> ShardManifest:
+    """A shard's manifest, after the driver wrote its files from the tensors the worker
+    returned (`--assembly driver`); as is when the worker wrote them itself."""
+    if not result.tensors:
+        return result.manifest
+    written = []
+    for planned in shard.files:
+        file = write_tensor_bytes(out.file(planned.name), planned.layout,
+                                  result.tensors[planned.name], {"format": "pt"})
+        written.append(WrittenFile(
+            name=file.name, size=file.size, sha256=file.sha256,
+            tensors={k: TensorLayout(dtype=d, shape=list(sh)) for k, d, sh in planned.layout}))
+        write_json_atomic(done_marker(out.path, file.name), written[-1].model_dump(mode="json"))
+    return result.manifest.model_copy(update={"files": written})
 
 
 def _write_metadata(out: StagedOutput, run: _Prepared, config: MergeConfig
@@ -326,7 +377,7 @@ def _write_metadata(out: StagedOutput, run: _Prepared, config: MergeConfig
     if run.settings.mode == "model" and run.base.config_location:
         out.copy_in(run.base.config_location, "config.json")
         names.append("config.json")
-    names += [n for n in INDEX_NAMES.values() if os.path.exists(out.file(n))]
+    names += [n for n in INDEX_NAMES.values() if exists(out.file(n))]
     return [FileRecord(**describe_file(out.file(name))) for name in sorted(names)]
 
 
@@ -364,10 +415,9 @@ def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, Written
     still hash to the recorded sha256; anything else is deleted and recomputed."""
     verified = {}
     for planned in files:
-        path, marker = os.path.join(staging, planned.name), done_marker(staging, planned.name)
+        path, marker = f"{staging}/{planned.name}", done_marker(staging, planned.name)
         try:
-            with open(marker, "rb") as f:
-                manifest = WrittenFile.model_validate_json(f.read())
+            manifest = WrittenFile.model_validate_json(read_bytes(marker))
             expected = {k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}
             if manifest.tensors == expected and scan_file(path)["sha256"] == manifest.sha256:
                 verified[planned.name] = manifest
@@ -375,8 +425,7 @@ def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, Written
         except (OSError, ValueError, PipelineError):  # pydantic's ValidationError included
             pass
         for stale in (path, marker):
-            if os.path.exists(stale):
-                os.remove(stale)
+            remove(stale)
     return verified
 
 
@@ -415,15 +464,24 @@ def _check_distinct(described: list[dict[str, Any]]) -> None:
         fingerprints[fingerprint] = ckpt["location"]
 
 
-def _read_back(out: StagedOutput, written: list[WrittenFile]) -> None:
-    """Nothing is committed on a worker's word alone: each file it wrote is read back here and
-    must have the size and sha256 the worker reported."""
-    for entry in written:
-        found = describe_file(out.file(entry.name))
-        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
-            raise OutputError(f"{out.file(entry.name)}: holds {found['size']} bytes with "
-                              f"sha256 {found['sha256'][:12]}, the worker wrote {entry.size} "
-                              f"bytes with sha256 {entry.sha256[:12]}; not committed")
+def _read_back(out: StagedOutput, manifests: list[ShardManifest]) -> None:
+    """Nothing is committed on a worker's word alone: each file written is read back here and
+    must have the size and sha256 its writer reported. A file that is not here at all was
+    written where the driver cannot see it (a node's own disk)."""
+    for manifest in manifests:
+        for entry in manifest.files:
+            location = out.file(entry.name)
+            if size_of(location) is None:
+                raise OutputError(
+                    f"{location}: written by shard {manifest.shard} on node {manifest.node} "
+                    f"({manifest.node_id[:12] or 'in-process'}) but not found by the driver "
+                    f"(no filesystem shared with that node? --assembly driver needs none); "
+                    f"not committed")
+            found = describe_file(location)
+            if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
+                raise OutputError(f"{location}: holds {found['size']} bytes with sha256 "
+                                  f"{found['sha256'][:12]}, its writer wrote {entry.size} bytes "
+                                  f"with sha256 {entry.sha256[:12]}; not committed")
 
 
 def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],
@@ -456,6 +514,11 @@ def _artefact_meta(units: list[MergeUnit], method: MethodSpec, settings: MergeSe
             "finetuned": list(config.finetuned),
             "base": config.base, "compute_dtype": settings.compute_dtype,
             "units": dict(sorted(described.items()))}
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def library_versions() -> dict[str, str]:

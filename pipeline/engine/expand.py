@@ -9,7 +9,6 @@ merged transposed (HF's `visual_projection.weight`, factored in open_clip's orie
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from pipeline.engine.records import ExpandReport, FileRecord
 from pipeline.errors import InputError
-from pipeline.io import Checkpoint, StagedOutput, open_checkpoint
+from pipeline.io import Checkpoint, StagedOutput, open_checkpoint, open_staged_output
 from pipeline.io.output import REPORT_NAME, prepare_output
 from pipeline.io.safetensors_io import DTYPES, write_safetensors
 from pipeline.io.scan import describe_file
@@ -38,7 +37,7 @@ def expand_task(artefact: str, base: str, task: int, out: str, overwrite: bool =
         raise InputError(f"{artefact}: method {method.name!r} stores no per-task factors")
     started = time.perf_counter()
     with open_checkpoint(artefact) as factors, open_checkpoint(base) as theta0, \
-            StagedOutput(out, overwrite) as staged:
+            open_staged_output(out, overwrite) as staged:
         weight_map = _write_in_files(staged, _task_tensors(meta, method, factors, theta0, task))
         staged.write_json("model.safetensors.index.json",
                           {"metadata": {"source": artefact, "task": task},
@@ -117,7 +116,7 @@ def _expand_report(staged: StagedOutput, artefact: str, base: str, task: int,
     """A report for the rebuilt model: it makes the directory recognisable as ours (so
     --overwrite may replace it) and verifiable (`verify` checks every file it lists). Every
     file is read back here, so nothing is committed that was not written."""
-    names = sorted(os.listdir(staged.path))
+    names = staged.staged_names()
     tensors = [FileRecord(**describe_file(staged.file(n))) for n in names
                if n.endswith(".safetensors")]
     small = [FileRecord(**describe_file(staged.file(n))) for n in names

@@ -70,6 +70,10 @@ class ShardWork(_Record):
     svd_calls: int
     # Lifetime peak of the worker process (Ray reuses workers): an upper bound per shard.
     peak_rss_bytes: int
+    node_id: str = ""  # the Ray node it ran on ("" in-process)
+    # Merged tensor bytes sent back through Ray's object store (`--assembly driver`), else 0.
+    returned_bytes: int = 0
+    peak_device_bytes: int | None = None  # the CUDA allocator's peak, on a GPU
 
 
 class ShardManifest(ShardWork):

@@ -1,5 +1,8 @@
 """`merge-pipeline verify DIR`: does an output still hold what its merge report says?
 
+DIR is a local directory or an object-store prefix; one whose commit did not finish (it holds
+the commit marker) is not an output yet, whatever else is there.
+
 Checks every tensor file's size and sha256 against the report, re-parses every header, checks
 that every floating tensor is finite, that the small files the report lists (index,
 config.json, tsv_c.json) are there with their recorded bytes, that the index and the files
@@ -10,14 +13,14 @@ not run (an unreachable base) is reported as not done, never as passed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from pipeline.engine.records import OutputListing
 from pipeline.errors import InputError, PipelineError
-from pipeline.io.output import REPORT_NAME
+from pipeline.io.output import COMMIT_MARK, REPORT_NAME, output_state
 from pipeline.io.reader import open_checkpoint
 from pipeline.io.scan import describe_file, scan_file
+from pipeline.io.storage import canonical, join, parent_and_name, read_bytes, size_of
 
 
 @dataclass
@@ -32,12 +35,19 @@ class Verification:
 
 
 def verify_output(directory: str) -> Verification:
-    if not os.path.isdir(directory):
+    """Verify a local output directory or an object-store output prefix."""
+    state = output_state(canonical(directory))
+    if state in ("absent", "file"):
         raise InputError(f"{directory}: no such directory")
-    report_path = os.path.join(directory, REPORT_NAME)
-    if not os.path.exists(report_path):
+    if state not in ("ours", "uncommitted"):
         raise InputError(f"{directory}: no {REPORT_NAME} (not an output of merge-pipeline)")
     result = Verification()
+    if state == "uncommitted":
+        result.problems.append(f"{directory}: its commit did not finish (it holds "
+                               f"{COMMIT_MARK}): not an output yet; the merge's --overwrite "
+                               f"--resume finishes it")
+        return result
+    report_path = join(directory, REPORT_NAME)
     report = _read_report(report_path, result)
     if report is None:
         return result
@@ -47,7 +57,7 @@ def verify_output(directory: str) -> Verification:
         return result
     try:
         with open_checkpoint(directory) as merged:
-            listed = sorted(os.path.basename(f) for f in merged.files)
+            listed = sorted(parent_and_name(f)[1] for f in merged.files)
             reported = sorted(e.name for e in report.outputs)
             if listed != reported:
                 result.problems.append(f"{directory}: the index lists {listed}, the report "
@@ -62,8 +72,7 @@ def verify_output(directory: str) -> Verification:
 
 def _read_report(path: str, result: Verification) -> OutputListing | None:
     try:
-        with open(path, "rb") as f:
-            return OutputListing.from_json(f.read(), path)
+        return OutputListing.from_json(read_bytes(path), path)
     except InputError as exc:  # a damaged report is a damaged output
         result.problems.append(str(exc))
     except OSError as exc:
@@ -73,7 +82,7 @@ def _read_report(path: str, result: Verification) -> OutputListing | None:
 
 def _check_tensor_files(directory: str, report: OutputListing, result: Verification) -> None:
     for entry in report.outputs:
-        path = os.path.join(directory, entry.name)
+        path = join(directory, entry.name)
         try:
             scanned = scan_file(path)
         except PipelineError as exc:
@@ -97,8 +106,8 @@ def _check_metadata_files(directory: str, report: OutputListing, result: Verific
                                   "checksums)")
         return
     for entry in report.metadata_files:
-        path = os.path.join(directory, entry.name)
-        if not os.path.isfile(path):
+        path = join(directory, entry.name)
+        if size_of(path) is None:
             result.problems.append(f"{path}: missing (the report lists it)")
             continue
         found = describe_file(path)

@@ -1,9 +1,12 @@
 """The work of one shard: read its own tensors, merge them, write its files, report a manifest.
 
 This function is the whole worker. The in-process path calls it in a loop and the Ray engine
-calls it as a task; both therefore produce the same bytes. It is idempotent: every file is
-written under a temporary name and renamed, so a retried shard simply rewrites its files.
-Only a small JSON-able manifest goes back to the driver, never tensors.
+calls it as a task; both therefore produce the same bytes. It is idempotent: every file
+appears only when whole (`storage.open_output`), so a retried shard simply rewrites its files.
+With `out_dir` set (`--assembly workers`) it writes its files there (a local directory every
+node sees, or an object-store prefix) and only a small manifest goes back to the driver; with
+`out_dir` None (`--assembly driver`) it returns each tensor's bytes as numpy arrays, which
+Ray's object store hands to the driver without a copy, and the driver writes the files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.engine.plan import MergeUnit, OutputMode, Shard
@@ -23,8 +27,10 @@ from pipeline.engine.records import ShardManifest, ShardSeconds, TensorLayout, W
 from pipeline.errors import InputError, TransientError
 from pipeline.io.output import done_marker, write_json_atomic
 from pipeline.io.reader import Checkpoint, open_checkpoint
-from pipeline.io.safetensors_io import DTYPES, write_stream
+from pipeline.io.safetensors_io import DTYPES, tensor_bytes, write_stream
+from pipeline.io.storage import join, remove
 from pipeline.methods import DEFAULT_EXCLUDE, MethodSpec, compress_key, merge_key, numerics_log
+from pipeline.runtime.executors import current_node_id
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,11 @@ class MergeSettings:
 
 @dataclass(frozen=True)
 class Fault:
-    """A fault to inject once (tests of retries): 'raise' a transient error or 'exit' the
-    worker process mid-shard. The marker file makes it fire only on the first attempt."""
+    """A fault to inject once (tests of retries and of storage the driver cannot see):
+    'raise' a transient error, 'exit' the worker process mid-shard, 'stall' for a minute
+    (a node can be killed under it), or 'lose' the shard's files after writing them (as if
+    they went to the worker's own disk). The marker file makes it fire only on the first
+    attempt."""
 
     shard: int
     kind: str
@@ -61,9 +70,19 @@ class ShardJob:
     finetuned: tuple[str, ...]
     settings: MergeSettings
     method: MethodSpec
-    out_dir: str
+    out_dir: str | None  # None: return the tensors to the driver (`--assembly driver`)
     statistics: dict[str, Any] = field(default_factory=dict)
     fault: Fault | None = None
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard hands back: its manifest and, when the driver assembles the files, each
+    file's tensor bytes in planned order (numpy arrays travel through Ray's object store
+    without a copy); empty when the worker wrote its files itself."""
+
+    manifest: ShardManifest
+    tensors: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,11 +169,11 @@ def _split_to_sources(unit: MergeUnit, tensor: torch.Tensor) -> dict[str, torch.
     return dict(zip(unit.sources, tensor.split(list(unit.rows))))
 
 
-def run_shard(job: ShardJob) -> ShardManifest:
-    """Merge one shard and write its files into `job.out_dir`; return its manifest."""
+def run_shard(job: ShardJob) -> ShardResult:
+    """Merge one shard; write its files into `job.out_dir`, or return them (`ShardResult`)."""
     started = time.perf_counter()
     counters = _Counters()
-    files = []
+    files, returned = [], {}
     with numerics_log() as log:
         units = iter_unit_deltas(job, counters)
         for planned in job.shard.files:
@@ -166,38 +185,67 @@ def run_shard(job: ShardJob) -> ShardManifest:
                 counters.compute_s += time.perf_counter() - t0
             _maybe_fail(job)
             t0 = time.perf_counter()
-            written = write_stream(os.path.join(job.out_dir, planned.name), planned.layout,
-                                   ((key, outputs.pop(key).to(DTYPES[dtype]))
-                                    for key, dtype, _ in planned.layout),
-                                   {"format": "pt"})
+            ordered = ((key, outputs.pop(key).to(DTYPES[dtype]))
+                       for key, dtype, _ in planned.layout)
+            if job.out_dir is None:
+                returned[planned.name] = [np.asarray(tensor_bytes(t)) for _, t in ordered]
+            else:
+                files.append(_write_file(job, planned, ordered))
             counters.write_s += time.perf_counter() - t0
-            files.append(WrittenFile(
-                name=written.name, size=written.size, sha256=written.sha256,
-                tensors={k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}))
-            write_json_atomic(done_marker(job.out_dir, written.name),
-                              files[-1].model_dump(mode="json"))
         units.close()
-    return ShardManifest(
+    manifest = ShardManifest(
         shard=job.shard.index, files=files, units=sum(len(f.units) for f in job.shard.files),
-        cost_estimate_s=round(job.shard.cost, 3), node=socket.gethostname(), pid=os.getpid(),
-        device=job.settings.device, bytes_read=counters.bytes_read,
+        cost_estimate_s=round(job.shard.cost, 3), node=socket.gethostname(),
+        node_id=current_node_id(), pid=os.getpid(), device=job.settings.device,
+        bytes_read=counters.bytes_read,
+        returned_bytes=sum(a.nbytes for arrays in returned.values() for a in arrays),
         seconds=ShardSeconds(total=round(time.perf_counter() - started, 4),
                              read=round(counters.read_s, 4),
                              compute=round(counters.compute_s, 4),
                              write=round(counters.write_s, 4), svd=round(log.svd_seconds, 4)),
         svd_calls=log.svd_calls, numerics=log.events,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_device_bytes=(torch.cuda.max_memory_allocated()
+                           if job.settings.device == "cuda" else None))
+    return ShardResult(manifest, returned)
+
+
+def _write_file(job: ShardJob, planned, tensors) -> WrittenFile:
+    """Stream one planned file into the output's staging location, with its done-marker (its
+    manifest, checked again by --resume)."""
+    assert job.out_dir is not None
+    written = write_stream(join(job.out_dir, planned.name), planned.layout, tensors,
+                           {"format": "pt"})
+    record = WrittenFile(
+        name=written.name, size=written.size, sha256=written.sha256,
+        tensors={k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout})
+    write_json_atomic(done_marker(job.out_dir, written.name), record.model_dump(mode="json"))
+    if _fault_fires(job, "lose"):
+        remove(join(job.out_dir, planned.name))
+    return record
 
 
 def _maybe_fail(job: ShardJob) -> None:
+    for kind in ("raise", "exit", "stall"):
+        if not _fault_fires(job, kind):
+            continue
+        if kind == "exit":
+            os._exit(17)
+        if kind == "stall":
+            time.sleep(60)
+            return
+        raise TransientError(f"injected transient failure in shard {job.shard.index}")
+
+
+def _fault_fires(job: ShardJob, kind: str) -> bool:
+    """Whether this job's injected fault is `kind`, for this shard, on its first attempt."""
     fault = job.fault
-    if fault is None or fault.shard != job.shard.index or os.path.exists(fault.marker):
-        return
+    if (fault is None or fault.kind != kind or fault.shard != job.shard.index
+            or os.path.exists(fault.marker)):
+        return False
     with open(fault.marker, "w") as f:
-        f.write(f"fired in pid {os.getpid()}\n")
-    if fault.kind == "exit":
-        os._exit(17)
-    raise TransientError(f"injected transient failure in shard {job.shard.index}")
+        f.write(f"fired in pid {os.getpid()} on node {current_node_id() or 'local'}\n")
+    return True
 
 
 # -- model-wide statistics (method hooks) ----------------------------------------------------

@@ -1,8 +1,13 @@
-"""Atomic output directories.
+"""Outputs that appear whole or not at all, on a local disk or an object store.
 
-Everything is written into a hidden sibling directory (same filesystem, so the final rename is
-atomic) and renamed into place only when complete. A reader therefore sees either no output or a
-whole one; a crash leaves only the staging directory, whose name says what it is.
+Everything is written under a hidden staging location beside the output, named after the run,
+and put in place only when complete and verified. Locally that is one atomic rename of the
+staging directory, under a lock on the parent directory. Object stores have no rename and no
+directories, so there the commit is a protocol (`ObjectStoreOutput`): a commit marker first
+(from then on every reader of ours treats the output as absent), the old output's report and
+files removed, the staged files copied server-side into place and their sizes checked, the
+report last, then the marker removed. A crash anywhere leaves either the old output, no
+output, or a marked one whose staged files are still there for `--resume`.
 """
 
 from __future__ import annotations
@@ -13,64 +18,121 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from pipeline.errors import InputError, OutputConflictError, OutputError
-from pipeline.io.storage import canonical, contains, output_directory, read_bytes
+from pipeline.io.storage import (
+    canonical,
+    contains,
+    copy_file,
+    is_local,
+    join,
+    list_names,
+    make_dirs,
+    open_output,
+    output_location,
+    parent_and_name,
+    read_bytes,
+    remove,
+    remove_tree,
+    size_of,
+    write_bytes,
+)
 
 STAGING_MARK = ".merge-staging-"
+REPORT_NAME = "merge_report.json"
+# On object stores: present while a commit is under way (or was cut short). An output holding
+# it is absent to every reader of ours, whatever else it holds.
+COMMIT_MARK = ".merge-pipeline-committing.json"
+DONE_SUFFIX = ".done.json"
+
+OutputState = Literal["absent", "empty", "ours", "uncommitted", "foreign", "file"]
 
 
 def staging_dir_for(final: str, run_key: str | None = None) -> str:
-    parent, name = os.path.split(os.path.abspath(final))
-    return os.path.join(parent, f".{name}{STAGING_MARK}{run_key or uuid.uuid4().hex[:12]}")
+    parent, name = parent_and_name(final)
+    return join(parent, f".{name}{STAGING_MARK}{run_key or uuid.uuid4().hex[:12]}")
 
 
-REPORT_NAME = "merge_report.json"
+def probe_location(final: str) -> str:
+    """A fresh name beside an output for a short-lived probe (never a staging name, so a
+    concurrent run's clean-up leaves it alone)."""
+    parent, name = parent_and_name(final)
+    return join(parent, f".{name}.merge-probe-{uuid.uuid4().hex[:12]}")
+
+
+def output_state(final: str) -> OutputState:
+    """What is at an output location now: nothing, an empty directory, a committed output of
+    ours, one whose commit was cut short, someone else's files, or a plain file."""
+    if is_local(final):
+        if not os.path.lexists(final):
+            return "absent"
+        if not os.path.isdir(final):
+            return "file"
+        names = os.listdir(final)
+        if not names:
+            return "empty"
+    else:
+        if size_of(final) is not None:
+            return "file"
+        names = list_names(final)
+        if not names:
+            return "absent"  # an object store has no empty directories
+    if COMMIT_MARK in names:
+        return "uncommitted"
+    return "ours" if REPORT_NAME in names else "foreign"
 
 
 def prepare_output(location: str, overwrite: bool, inputs: Sequence[str] = (),
                    option: str = "--out") -> str:
-    """Check everything about an output that needs no input bytes, and return its directory.
+    """Check everything about an output that needs no input bytes, and return its location.
 
     Runs before the first tensor byte is read, so a wrong `--out` costs milliseconds, not a
-    ViT-L scan: the location must be local; it must not overlap any input, however either is
-    spelled; an existing output is replaced only with `overwrite` and only when it is ours or
-    empty; and the directory it will be created in must be writable.
+    ViT-L scan: the location must be one we can write (a local directory or an object-store
+    prefix); it must not overlap any input, however either is spelled; an existing output is
+    replaced only with `overwrite` and only when it is ours or empty; and the place it will be
+    created in must be writable.
     """
-    final = os.path.realpath(output_directory(location, option))
+    final = output_location(location, option)
     for source in inputs:
         where = canonical(source)
         if contains(final, where) or contains(where, final):
             raise InputError(f"{option} {location}: overlaps the input {source}; choose "
                              f"another output directory")
-    if os.path.lexists(final):
+    state = output_state(final)
+    if state != "absent":
         if not overwrite:
-            raise InputError(f"{option} {location}: already exists (pass --overwrite to replace "
-                             f"a previous output of merge-pipeline)")
-        refuse_to_replace(final, location)
-    _check_writable(_existing_ancestor(os.path.dirname(final)), location)
+            more = (" (a commit that did not finish: --overwrite --resume completes it)"
+                    if state == "uncommitted" else "")
+            raise InputError(f"{option} {location}: already exists{more} (pass --overwrite to "
+                             f"replace a previous output of merge-pipeline)")
+        refuse_to_replace(final, location, state)
+    _check_writable(final, location)
     return final
 
 
-def refuse_to_replace(final: str, location: str) -> None:
+def refuse_to_replace(final: str, location: str, state: OutputState | None = None) -> None:
     """--overwrite replaces only what cannot be the user's own data: a previous output of this
-    tool (it holds a merge_report.json) or an empty directory."""
-    if not os.path.isdir(final):
+    tool (it holds a merge_report.json, or a commit marker) or an empty directory."""
+    state = state or output_state(final)
+    if state == "file":
         raise InputError(f"{location}: exists and is not a directory; --overwrite replaces "
                          f"only a previous output or an empty directory")
-    entries = os.listdir(final)
-    if entries and not os.path.isfile(os.path.join(final, REPORT_NAME)):
+    if state == "foreign":
         raise InputError(f"{location}: not an output of merge-pipeline (no {REPORT_NAME}) and "
                          f"not empty; --overwrite replaces only a previous output or an empty "
                          f"directory, so nothing was touched")
 
 
 def check_free_space(location: str, needed: int) -> None:
-    """Refuse an output its filesystem has no room for, before any compute."""
-    final = os.path.realpath(output_directory(location))
+    """Refuse a local output its filesystem has no room for, before any compute (object
+    stores have no such limit to check)."""
+    final = output_location(location)
+    if not is_local(final):
+        return
     free = shutil.disk_usage(_existing_ancestor(os.path.dirname(final))).free
     if free < needed:
         raise OutputError(f"{location}: the output needs {needed} bytes but only {free} are "
@@ -83,7 +145,17 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def _check_writable(directory: str, location: str) -> None:
+def _check_writable(final: str, location: str) -> None:
+    """Prove the output can be created, by creating (and removing) a probe beside it."""
+    if not is_local(final):
+        probe = probe_location(final)
+        try:
+            write_bytes(probe, b"")
+            remove(probe)
+        except OSError as exc:
+            raise InputError(f"{location}: cannot be written ({exc})") from None
+        return
+    directory = _existing_ancestor(os.path.dirname(final))
     if not os.path.isdir(directory):
         raise InputError(f"{location}: cannot be created: {directory} is not a directory")
     try:
@@ -93,28 +165,100 @@ def _check_writable(directory: str, location: str) -> None:
                          f"({exc.strerror or exc})") from None
 
 
+def open_staged_output(location: str, overwrite: bool = False, run_key: str | None = None,
+                       resume: bool = False) -> StagedOutput:
+    """The staged output for a location: a local directory or an object-store prefix."""
+    final = output_location(location)
+    cls = LocalOutput if is_local(final) else ObjectStoreOutput
+    return cls(location, overwrite, run_key, resume)
+
+
 class StagedOutput:
-    """A directory that appears at `final` only on `commit()`.
+    """An output that appears at its location only on `commit()`.
 
     With a `run_key` (a digest of everything that determines the output) the staging name is
     stable, so an interrupted run's work can be found again: `resume=True` keeps it, otherwise
-    it is recognised as stale and removed. On an interruption or a crash the staging directory
+    it is recognised as stale and removed. On an interruption or a crash the staging location
     is kept for `--resume`; on bad input or a failed write it is removed (nothing to resume,
     and a full disk needs its space back).
 
-    The commit re-checks the destination under a lock on its parent directory: an output that
-    appeared while this run worked (another merge to the same `--out`) is never replaced
-    without `overwrite`, and then only if it is ours or empty.
+    The commit re-checks the destination: an output that appeared while this run worked
+    (another merge to the same `--out`) is never replaced without `overwrite`, and then only if
+    it is ours or empty.
     """
 
-    def __init__(self, final: str, overwrite: bool = False, run_key: str | None = None,
+    def __init__(self, location: str, overwrite: bool = False, run_key: str | None = None,
                  resume: bool = False):
-        self.location = final
-        self.final = prepare_output(final, overwrite)
+        self.location = location
+        self.final = prepare_output(location, overwrite)
         self.overwrite = overwrite
         self.path = staging_dir_for(self.final, run_key)
-        self.resumed = resume and os.path.isdir(self.path)
         self.keep_staging = False
+        self.committed = False
+        self.resumed = False
+
+    def file(self, name: str) -> str:
+        return join(self.path, name)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_json_atomic(self.file(name), obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        write_file_atomic(self.file(name), lambda f: f.write(text.encode()))
+
+    def copy_in(self, location: str, name: str) -> None:
+        """Copy a small file (a base's config.json) from a local path or URI into the output."""
+        write_file_atomic(self.file(name), lambda f: f.write(read_bytes(location)))
+
+    def staged_names(self) -> list[str]:
+        """The output's files: what is staged, less our bookkeeping (locks, done-markers, the
+        temporary files of writers that died)."""
+        return [n for n in list_names(self.path)
+                if n != ".lock" and not n.endswith(DONE_SUFFIX) and ".partial-" not in n]
+
+    def commit(self) -> str:
+        raise NotImplementedError
+
+    def _check_still_replaceable(self, state: OutputState | None = None) -> None:
+        """The destination exists at commit time: it may have appeared while this run worked."""
+        try:
+            if not self.overwrite:
+                raise InputError(f"{self.location}: an output appeared there while this merge "
+                                 f"ran and was not replaced (pass --overwrite to replace it)")
+            refuse_to_replace(self.final, self.location, state)
+        except InputError as exc:
+            self.keep_staging = True
+            raise OutputConflictError(f"{exc}; this merge's files are kept in {self.path}: the "
+                                      f"same command with --resume commits them without "
+                                      f"recomputing") from None
+
+    def abort(self) -> None:
+        if not self.committed:
+            remove_tree(self.path)
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None or self.committed or self.keep_staging:
+            return
+        if issubclass(exc_type, (InputError, OutputError)):
+            self.abort()
+        elif exc is not None:
+            # Interrupted or crashed: the finished files stay for --resume. main() tells the
+            # user where, in its one line, whatever stopped the run.
+            with contextlib.suppress(AttributeError):
+                exc.staging_dir = self.path
+
+
+class LocalOutput(StagedOutput):
+    """A local directory: staged in a hidden sibling (same filesystem, so the final rename is
+    atomic), locked against a second run of the same merge, renamed into place."""
+
+    def __init__(self, location: str, overwrite: bool = False, run_key: str | None = None,
+                 resume: bool = False):
+        super().__init__(location, overwrite, run_key, resume)
+        self.resumed = resume and os.path.isdir(self.path)
         try:
             os.makedirs(os.path.dirname(self.final), exist_ok=True)
             if os.path.isdir(self.path) and not resume:
@@ -122,10 +266,9 @@ class StagedOutput:
                 shutil.rmtree(self.path)
             os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"{final}: cannot create the output directory ({exc})") from exc
+            raise OutputError(f"{location}: cannot create the output directory ({exc})") from exc
         self._lock()
         self._remove_stale_siblings()
-        self.committed = False
 
     def _lock(self) -> None:
         self._lock_file = _try_lock(self.path)
@@ -146,28 +289,15 @@ class StagedOutput:
                     shutil.rmtree(path, ignore_errors=True)
                     lock.close()
 
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def write_json(self, name: str, obj: Any) -> None:
-        write_json_atomic(self.file(name), obj)
-
-    def write_text(self, name: str, text: str) -> None:
-        write_file_atomic(self.file(name), lambda f: f.write(text.encode()))
-
-    def copy_in(self, location: str, name: str) -> None:
-        """Copy a small file (a base's config.json) from a local path or URI into the output."""
-        with open(self.file(name), "wb") as f:
-            f.write(read_bytes(location))
-
     def commit(self) -> str:
         parent = os.path.dirname(self.final)
         old = None
         with _locked_directory(parent):
             if os.path.lexists(self.final):
                 self._check_still_replaceable()  # keeps the resume markers when it refuses
+            keep = set(self.staged_names())
             for name in os.listdir(self.path):
-                if name == ".lock" or name.endswith(DONE_SUFFIX):
+                if name not in keep:
                     os.remove(os.path.join(self.path, name))
             fsync_path(self.path)
             if os.path.lexists(self.final):
@@ -185,59 +315,78 @@ class StagedOutput:
         self.committed = True
         return self.final
 
-    def _check_still_replaceable(self) -> None:
-        """The destination exists at commit time: it may have appeared while this run worked."""
+
+class ObjectStoreOutput(StagedOutput):
+    """An object-store prefix (s3://, gs://, hdfs://...), committed by the protocol in this
+    module's docstring. Stores have no locks: two runs of the *same* merge share a staging
+    prefix and write identical bytes (the engine is deterministic); different merges stage
+    apart, and the later commit finds the earlier output and replaces it only with
+    `--overwrite`."""
+
+    def __init__(self, location: str, overwrite: bool = False, run_key: str | None = None,
+                 resume: bool = False):
+        super().__init__(location, overwrite, run_key, resume)
         try:
-            if not self.overwrite:
-                raise InputError(f"{self.location}: an output appeared there while this merge "
-                                 f"ran and was not replaced (pass --overwrite to replace it)")
-            refuse_to_replace(self.final, self.location)
-        except InputError as exc:
+            staged = list_names(self.path)
+            self.resumed = resume and bool(staged)
+            if staged and not resume:
+                remove_tree(self.path)
+            make_dirs(self.path)
+        except OSError as exc:
+            raise OutputError(f"{location}: cannot create the staging prefix {self.path} "
+                              f"({exc})") from exc
+
+    def commit(self) -> str:
+        state = output_state(self.final)
+        if state != "absent":
+            self._check_still_replaceable(state)
+        names = self.staged_names()
+        if REPORT_NAME not in names:
+            raise OutputError(f"{self.path}: nothing to commit (no {REPORT_NAME} staged)")
+        mark = join(self.final, COMMIT_MARK)
+        try:
+            write_json_atomic(mark, {"staging": self.path, "files": names,
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            remove(join(self.final, REPORT_NAME))  # the old output's commit point goes first
+            for name in list_names(self.final):
+                if name not in (COMMIT_MARK, *names):
+                    _remove_any(join(self.final, name))
+            for name in [n for n in names if n != REPORT_NAME] + [REPORT_NAME]:
+                copy_file(self.file(name), join(self.final, name))
+                staged, placed = size_of(self.file(name)), size_of(join(self.final, name))
+                if placed != staged:
+                    raise OSError(f"{name}: {placed} bytes after the copy, {staged} staged")
+            remove(mark)
+        except OSError as exc:
             self.keep_staging = True
-            raise OutputConflictError(f"{exc}; this merge's files are kept in {self.path}: the "
-                                      f"same command with --resume commits them without "
-                                      f"recomputing") from None
-
-    def abort(self) -> None:
-        if not self.committed:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self) -> "StagedOutput":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None or self.committed or self.keep_staging:
-            return
-        if issubclass(exc_type, (InputError, OutputError)):
-            self.abort()
-        elif exc is not None:
-            # Interrupted or crashed: the finished files stay for --resume. main() tells the
-            # user where, in its one line, whatever stopped the run.
-            with contextlib.suppress(AttributeError):
-                exc.staging_dir = self.path
+            raise OutputError(f"{self.location}: commit failed ({exc}); the output is marked "
+                              f"incomplete and this merge's files are kept in {self.path}: "
+                              f"the same command with --overwrite --resume finishes "
+                              f"it") from None
+        remove_tree(self.path)
+        self.committed = True
+        return self.final
 
 
-DONE_SUFFIX = ".done.json"
+def _remove_any(location: str) -> None:
+    if size_of(location) is None:
+        remove_tree(location)
+    else:
+        remove(location)
 
 
 def done_marker(directory: str, file_name: str) -> str:
     """Written beside a finished output file: its manifest, checked again on --resume."""
-    return os.path.join(directory, f".{file_name}{DONE_SUFFIX}")
+    return join(directory, f".{file_name}{DONE_SUFFIX}")
 
 
 def write_file_atomic(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write a small file through `write(fh)` under a temporary name, fsync it, rename it into
-    place: a reader sees the old file or the whole new one, never part of it."""
-    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    """Write a small file (a path or an object URI) through `write(fh)`: a reader sees the old
+    file or the whole new one, never part of it (`storage.open_output`)."""
     try:
-        with open(tmp, "wb") as f:
+        with open_output(path) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OutputError(f"{path}: write failed ({exc})") from exc
 
 

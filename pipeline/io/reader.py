@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import CorruptFileError, InputError
 from pipeline.io import storage
+from pipeline.io.output import COMMIT_MARK
 from pipeline.io.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -190,6 +191,9 @@ def open_checkpoint(location: str) -> Checkpoint:
             raise InputError(f"{location}: unknown checkpoint format (expected .safetensors, "
                              f".pt, .pth, .bin or a model directory)")
         return Checkpoint(location, None, [location], None)
+    if storage.exists(storage.join(location, COMMIT_MARK)):
+        raise InputError(f"{location}: an output of merge-pipeline whose commit did not finish "
+                         f"(it holds {COMMIT_MARK}); rerun its merge with --overwrite --resume")
     config_path = storage.join(location, "config.json")
     config = config_path if storage.exists(config_path) else None
     for index_name in INDEX_FILES:

@@ -4,26 +4,25 @@ We parse the header ourselves instead of calling `safe_open` because workers mus
 tensors from object stores (no mmap there) and because a corrupt or truncated file must become a
 clear `CorruptFileError` naming the file, never a crash inside a native library. The writer
 streams tensors in a planned order and hashes while it writes, so a worker never holds a whole
-file and the manifest gets its checksum for free. Files are produced under a temporary name and
-renamed into place, so a reader never sees half of one.
+file and the manifest gets its checksum for free. Files appear only when whole
+(`storage.open_output`), on local disks and object stores alike.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import struct
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
+from typing import Any
 
 import torch
 
 from pipeline.errors import CorruptFileError, OutputError
-from pipeline.io.storage import RangeReader, open_range_reader
+from pipeline.io.storage import RangeReader, open_output, open_range_reader
 
 # Same bound as the reference implementation: a header beyond this is not a real checkpoint.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -194,43 +193,48 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
 def write_stream(path: str, layout: Sequence[tuple[str, str, Sequence[int]]],
                  tensors: Iterable[tuple[str, torch.Tensor]],
                  metadata: Mapping[str, str]) -> WrittenFile:
-    """Stream tensors into `path` under a temporary name, fsync, then rename into place.
+    """Stream tensors into `path` (a local path or an object-store URI), appearing there only
+    when whole (`storage.open_output`).
 
     `tensors` must yield exactly the keys of `layout`, in that order, with matching dtypes and
     shapes: the header is written first, so anything else would make the file lie.
     """
+    def checked() -> Iterator[memoryview]:
+        expected = iter(layout)
+        for key, tensor in tensors:
+            want_key, want_dtype, want_shape = next(expected)
+            got = (key, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
+            if got != (want_key, want_dtype, tuple(want_shape)):
+                raise ValueError(f"{path}: writer got {got}, planned "
+                                 f"{(want_key, want_dtype, tuple(want_shape))}")
+            yield tensor_bytes(tensor)
+        if next(expected, None) is not None:
+            raise ValueError(f"{path}: writer got fewer tensors than planned")
+
+    return write_tensor_bytes(path, layout, checked(), metadata)
+
+
+def write_tensor_bytes(path: str, layout: Sequence[tuple[str, str, Sequence[int]]],
+                       chunks: Iterable[Any], metadata: Mapping[str, str]) -> WrittenFile:
+    """Write a safetensors file from each tensor's raw bytes (buffers in `layout` order, as a
+    driver assembling workers' results has them), hashing while it writes. Each buffer must
+    have its planned size, or nothing is written."""
     header = build_header(layout, metadata)
-    total = len(header) + sum(math.prod(s) * dtype_size(d) for _, d, s in layout)
-    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    sizes = [math.prod(s) * dtype_size(d) for _, d, s in layout]
+    total = len(header) + sum(sizes)
     digest = hashlib.sha256(header)
     try:
-        with open(tmp, "wb") as out:
+        with open_output(path) as out:
             out.write(header)
-            expected = iter(layout)
-            for key, tensor in tensors:
-                want_key, want_dtype, want_shape = next(expected)
-                got = (key, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
-                if got != (want_key, want_dtype, tuple(want_shape)):
-                    raise ValueError(f"{path}: writer got {got}, planned "
-                                     f"{(want_key, want_dtype, tuple(want_shape))}")
-                data = tensor_bytes(tensor)
+            for i, (planned, size, chunk) in enumerate(zip_longest(layout, sizes, chunks)):
+                data = None if chunk is None else memoryview(chunk).cast("B")
+                if planned is None or data is None or data.nbytes != size:
+                    raise ValueError(f"{path}: tensor {i} came with "
+                                     f"{None if data is None else data.nbytes} bytes, "
+                                     f"planned {size}")
                 digest.update(data)
                 out.write(data)
-            if next(expected, None) is not None:
-                raise ValueError(f"{path}: writer got fewer tensors than planned")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        _remove_quietly(tmp)
         raise OutputError(f"{path}: write failed ({exc.strerror or exc}); "
                           f"this file needs {total} bytes") from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return WrittenFile(os.path.basename(path), total, digest.hexdigest())
-
-
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
+    return WrittenFile(path.rstrip("/").rsplit("/", 1)[-1], total, digest.hexdigest())

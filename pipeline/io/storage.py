@@ -3,14 +3,23 @@
 Workers read only their own tensors, so every read is a (offset, length) range. Local paths use
 plain file objects (fastest, no extra copies); URIs with a scheme (s3://, gs://, hdfs://,
 file://) go through `pyarrow.fs`, which gives ranged reads on every backend it supports.
+
+Writes go through `open_output`, the one way a file is produced: a local file is written under a
+temporary name, fsynced and renamed; an object is streamed (multipart where the store needs it)
+and exists only once its upload completes. Either way a reader sees a whole file or none.
+`file://` URIs are local paths in every function here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import urllib.parse
-from typing import Protocol
+import uuid
+from collections.abc import Iterator
+from typing import Any, BinaryIO, Protocol
 
 from pipeline.errors import InputError
 
@@ -61,31 +70,65 @@ def contains(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def output_directory(location: str, option: str = "--out") -> str:
-    """The absolute local directory an output location names. Outputs are local directories
-    (or `file://` URIs) for now: anything else is refused before any input is read, never
-    turned into a local folder called `s3:`."""
+def is_local(location: str) -> bool:
+    return local_path(location) is not None
+
+
+def output_location(location: str, option: str = "--out") -> str:
+    """Where an output goes, in one spelling: the absolute real path of a local directory (or
+    `file://` URI), or an object-store URI without its trailing slash. A URI must name a prefix
+    inside a bucket (the staging prefix lives beside it) and carry no query string (configure
+    the store through its environment: AWS_ENDPOINT_URL, credentials), and its store must be
+    one pyarrow can open; otherwise one line before any input is read, and never a local
+    folder called `s3:`."""
     path = local_path(location)
-    if path is None:
-        scheme = urllib.parse.urlparse(location).scheme or location.split(":")[0]
-        raise InputError(f"{option} {location}: outputs must be a local directory or a "
-                         f"file:// URI; writing to {scheme}:// is not supported yet")
-    if not path.strip():
-        raise InputError(f"{option} is empty")
-    return os.path.abspath(path)
+    if path is not None:
+        if not path.strip():
+            raise InputError(f"{option} is empty")
+        return os.path.realpath(os.path.abspath(path))
+    parsed = urllib.parse.urlparse(location)
+    if not parsed.netloc or parsed.netloc.startswith(":") or "://" not in location:
+        raise InputError(f"{option} {location}: not a valid URI; write scheme://bucket/prefix")
+    if parsed.query or parsed.fragment:
+        raise InputError(f"{option} {location}: query parameters are not supported in an "
+                         f"output URI; configure the store through its environment instead "
+                         f"(e.g. AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID)")
+    if not parsed.path.strip("/"):
+        raise InputError(f"{option} {location}: name a prefix inside the bucket, e.g. "
+                         f"{location.rstrip('/')}/merged")
+    uri = canonical(location)
+    try:
+        filesystem(uri)  # an unknown scheme or a store pyarrow cannot open fails here
+    except InputError as exc:
+        raise InputError(f"{option} {exc}") from None
+    return uri
 
 
 def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}" if is_uri(location) else os.path.join(location, name)
 
 
-def _arrow_fs(location: str):
+def parent_and_name(location: str) -> tuple[str, str]:
+    """(the directory or prefix holding `location`, its last component)."""
+    if is_local(location):
+        return os.path.split(location)
+    head, _, name = location.rstrip("/").rpartition("/")
+    return head, name
+
+
+def filesystem(location: str) -> tuple[Any, str]:
+    """The pyarrow filesystem of a location and the path inside it (local paths included)."""
     import pyarrow.fs as pafs
 
+    path = local_path(location)
+    if path is not None:
+        return pafs.LocalFileSystem(), os.path.abspath(path)
     try:
         return pafs.FileSystem.from_uri(location)
     except Exception as exc:  # pyarrow raises several types for bad URIs
-        raise InputError(f"{location}: cannot open storage: {exc}") from exc
+        detail = " ".join(str(exc).split())  # pyarrow's messages can span lines
+        raise InputError(f"{location}: cannot open storage: {detail}") from None
+
 
 
 def exists(location: str) -> bool:
@@ -93,7 +136,7 @@ def exists(location: str) -> bool:
         return os.path.exists(location)
     import pyarrow.fs as pafs
 
-    fs, path = _arrow_fs(location)
+    fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
@@ -102,8 +145,112 @@ def is_dir(location: str) -> bool:
         return os.path.isdir(location)
     import pyarrow.fs as pafs
 
-    fs, path = _arrow_fs(location)
+    fs, path = filesystem(location)
     return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def size_of(location: str) -> int | None:
+    """A file's size in bytes, or None when there is no file there."""
+    path = local_path(location)
+    if path is not None:
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(location)
+    info = fs.get_file_info(inner)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def list_names(location: str) -> list[str]:
+    """Names directly under a directory or prefix (files and subdirectories); [] if none."""
+    path = local_path(location)
+    if path is not None:
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
+
+
+def make_dirs(location: str) -> None:
+    path = local_path(location)
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+    else:
+        fs, inner = filesystem(location)
+        fs.create_dir(inner, recursive=True)
+
+
+def remove(location: str) -> None:
+    """Delete a file; one that is already gone is fine."""
+    path = local_path(location)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    fs, inner = filesystem(location)
+    if size_of(location) is not None:
+        fs.delete_file(inner)
+
+
+def remove_tree(location: str) -> None:
+    """Delete a directory or prefix and everything under it; a missing one is fine."""
+    path = local_path(location)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, inner = filesystem(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(inner)
+
+
+def copy_file(source: str, destination: str) -> None:
+    """Copy within one store: a server-side copy on object stores, no bytes through us."""
+    if is_local(source) and is_local(destination):
+        with open_output(destination) as out, open(str(local_path(source)), "rb") as src:
+            shutil.copyfileobj(src, out, 16 << 20)
+        return
+    fs, inner = filesystem(source)
+    fs.copy_file(inner, filesystem(destination)[1])
+
+
+@contextlib.contextmanager
+def open_output(location: str) -> Iterator[BinaryIO]:
+    """A binary stream whose file appears at `location` only when the block ends without an
+    error: local files are written under a temporary name, fsynced and renamed into place;
+    objects are uploaded by pyarrow (multipart when large) and exist once the upload
+    completes. On an error nothing is left at `location` (pyarrow cannot abort an upload, so
+    the object it completes on close is deleted). Raises OSError."""
+    path = local_path(location)
+    if path is not None:
+        tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        return
+    fs, inner = filesystem(location)
+    stream = fs.open_output_stream(inner)
+    try:
+        yield stream
+    except BaseException:
+        with contextlib.suppress(OSError):
+            stream.close()
+            fs.delete_file(inner)
+        raise
+    stream.close()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    with open_output(location) as out:
+        out.write(data)
 
 
 def read_bytes(location: str) -> bytes:
@@ -145,7 +292,7 @@ class _LocalReader:
 
 class _ArrowReader:
     def __init__(self, location: str):
-        fs, path = _arrow_fs(location)
+        fs, path = filesystem(location)
         try:
             self._file = fs.open_input_file(path)
         except FileNotFoundError as exc:

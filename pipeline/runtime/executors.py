@@ -1,20 +1,23 @@
 """Where shard functions run: in this process, or as Ray tasks across a cluster.
 
-Both executors have one method, `map(fn, argument_tuples)`, returning results in argument order
-whatever order the work finished in (so the driver's view is deterministic). The Ray executor
-keeps at most `workers` tasks in flight, starting the costliest shards first, and shows a
-progress bar with an ETA.
+Both executors offer `imap(fn, argument_tuples)`, yielding (index, result) as work finishes,
+so a caller can consume results one at a time with bounded memory; `map`, which returns results
+in argument order whatever order the work finished in (so the driver's view is deterministic);
+and `each_node(fn, args)`, which runs a small function once on every node that runs work (the
+driver's probes). The Ray executor keeps as many tasks in flight as the cluster has room for,
+re-reading its size as an autoscaling cluster grows, and shows a progress bar with an ETA.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, TransientError
+from pipeline.errors import InputError, PipelineError, TransientError
 from pipeline.runtime.interrupts import received_signal, reraise_if_interrupted
 from pipeline.runtime.ray_cluster import connect
 
@@ -29,9 +32,21 @@ def progress(total: int, desc: str) -> tqdm:
                 disable=os.environ.get("MERGE_PIPELINE_PROGRESS", "1") == "0")
 
 
+# How often a Ray executor without a fixed --workers re-reads the cluster's size.
+RESIZE_EVERY_S = 5.0
+
+
 def choose_device(device: str, gpu_available: bool) -> str:
     """"cuda" when asked for, or on "auto" where a GPU is there; else "cpu"."""
     return "cuda" if device == "cuda" or (device == "auto" and gpu_available) else "cpu"
+
+
+def current_node_id() -> str:
+    """The Ray node this code runs on, or "" outside a Ray worker."""
+    import sys
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        return ""
+    return sys.modules["ray"].get_runtime_context().get_node_id()
 
 
 class LocalExecutor:
@@ -44,21 +59,30 @@ class LocalExecutor:
 
     def __init__(self, device: str = "auto"):
         import torch
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda: this machine has no CUDA device that torch can "
+                             "use (torch.cuda.is_available() is False)")
         self.device = choose_device(device, torch.cuda.is_available())
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+    def imap(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = ""
+             ) -> Iterator[tuple[int, Any]]:
         import torch
         threads = torch.get_num_threads()  # shards set their own; give the caller's back
-        results = []
         try:
             with progress(len(calls), desc) as bar:
-                for args in calls:
-                    results.append(fn(*args))
+                for i, args in enumerate(calls):
+                    result = fn(*args)
                     bar.update(1)
                     reraise_if_interrupted()
+                    yield i, result
         finally:
             torch.set_num_threads(threads)
-        return results
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+        return collect(self.imap(fn, calls, desc), len(calls))
+
+    def each_node(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
+        return [fn(*args)]
 
     def info(self) -> dict[str, Any]:
         return {"kind": "local", "workers": 1, "device": self.device, "startup_s": 0.0}
@@ -78,21 +102,33 @@ class RayExecutor:
         self.device, available = ray_slots(device, threads, gpus_per_task)
         self.threads = threads
         self.gpus_per_task = gpus_per_task if self.device == "cuda" else 0
+        self.fixed_workers = workers
         self.workers = max(1, workers or available)
+        self._sized_at = time.monotonic()
         self._remote: dict[Callable, Any] = {}
         self.ray_version = ray.__version__
+
+    def capacity(self) -> int:
+        """Tasks to keep in flight: --workers when given, else what the cluster has room for
+        now, re-read every few seconds so that nodes an autoscaler adds get work."""
+        if not self.fixed_workers and time.monotonic() - self._sized_at >= RESIZE_EVERY_S:
+            _, available = ray_slots(self.device, self.threads, self.gpus_per_task or 1.0)
+            self.workers, self._sized_at = max(1, available), time.monotonic()
+        return self.workers
+
+    def _options(self) -> dict[str, Any]:
+        return dict(num_cpus=self.threads, num_gpus=self.gpus_per_task)
 
     def _remote_fn(self, fn: Callable) -> Any:
         import ray
         if fn not in self._remote:
             self._remote[fn] = ray.remote(fn).options(
-                num_cpus=self.threads, num_gpus=self.gpus_per_task, max_retries=MAX_RETRIES,
-                retry_exceptions=list(RETRYABLE))
+                **self._options(), max_retries=MAX_RETRIES, retry_exceptions=list(RETRYABLE))
         return self._remote[fn]
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+    def imap(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = ""
+             ) -> Iterator[tuple[int, Any]]:
         remote = self._remote_fn(fn)
-        results: list[Any] = [None] * len(calls)
         queue = list(range(len(calls)))
 
         def submit_next() -> tuple[Any, int] | None:
@@ -102,9 +138,26 @@ class RayExecutor:
             return remote.remote(*calls[i]), i
 
         with progress(len(calls), desc) as bar:
-            for i, result in stream_results(submit_next, self.workers, bar):
-                results[i] = result
-        return results
+            yield from stream_results(submit_next, self.capacity, bar)
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+        return collect(self.imap(fn, calls, desc), len(calls))
+
+    def each_node(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
+        """`fn(*args)` once on every alive node with room for one of this executor's tasks
+        (CPUs, or GPUs on a GPU run), pinned there, with the same resources a task gets, so a
+        GPU probe sees the GPU its shards will see."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        need = self._options()
+        nodes = [n for n in ray.nodes() if n.get("Alive")
+                 and n["Resources"].get("CPU", 0) >= need["num_cpus"]
+                 and n["Resources"].get("GPU", 0) >= need["num_gpus"]]
+        remote = ray.remote(fn)
+        refs = [remote.options(**need, max_retries=0, scheduling_strategy=(
+                    NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))).remote(*args)
+                for node in nodes]
+        return [_get(ref) for ref in refs]
 
     def info(self) -> dict[str, Any]:
         return {"kind": "ray", "workers": self.workers, "device": self.device,
@@ -122,23 +175,37 @@ def ray_slots(device: str, threads: int, gpu_share: float) -> tuple[str, int]:
     gpus = resources.get("GPU", 0)
     chosen = choose_device(device, gpus > 0)
     if chosen == "cuda":
-        return chosen, int(gpus / gpu_share) if gpus else 0
+        if not gpus:
+            raise InputError("--device cuda: the Ray cluster has no GPUs (its resources: "
+                             f"{int(resources.get('CPU', 0))} CPUs, 0 GPUs)")
+        return chosen, int(gpus / gpu_share)
     return chosen, int(resources.get("CPU", 1) // threads)
 
 
-def stream_results(submit_next: Callable[[], tuple[Any, Any] | None], capacity: int,
-                   bar: tqdm, force_cancel: bool = True) -> Iterator[tuple[Any, Any]]:
+def collect(results: Iterator[tuple[int, Any]], count: int) -> list[Any]:
+    """An `imap`'s results in argument order."""
+    ordered: list[Any] = [None] * count
+    for i, result in results:
+        ordered[i] = result
+    return ordered
+
+
+def stream_results(submit_next: Callable[[], tuple[Any, Any] | None],
+                   capacity: int | Callable[[], int], bar: tqdm, force_cancel: bool = True
+                   ) -> Iterator[tuple[Any, Any]]:
     """The one Ray submission loop (merge shards and evaluation actors alike): keep up to
-    `capacity` calls in flight, each submitted by `submit_next()` as (object ref, tag), or None
+    `capacity` (a number, or a function re-asked before each submission) calls in flight,
+    each submitted by `submit_next()` as (object ref, tag), or None
     when there is nothing to submit now; yield (tag, result) as results arrive, our own errors
     unwrapped. Submission resumes after each yield, so a caller can free capacity (an idle
     actor) in between. On an error the calls in flight are cancelled (`force_cancel` for
     tasks; actor calls cannot be forced)."""
     import ray
     pending: dict[Any, Any] = {}
+    room = capacity if callable(capacity) else (lambda: capacity)
     try:
         while True:
-            while len(pending) < capacity and (call := submit_next()) is not None:
+            while len(pending) < room() and (call := submit_next()) is not None:
                 pending[call[0]] = call[1]
             if not pending:
                 return

@@ -30,7 +30,7 @@ from pipeline.bench.suites import training
 from pipeline.bench.suites.tasks import SPLITS, TASKS, make_split
 from pipeline.errors import InputError
 from pipeline.evaluation.data import load_task
-from pipeline.io.output import StagedOutput, write_json_atomic
+from pipeline.io.output import open_staged_output, write_json_atomic
 from pipeline.io.reader import open_checkpoint
 from pipeline.io.safetensors_io import write_safetensors
 from pipeline.models.vit import ClipVisionTower, VisionConfig, init_clip_weights
@@ -133,7 +133,7 @@ def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[s
     executor = executor or LocalExecutor("cpu")
     threads = torch.get_num_threads()
     timings: dict[str, float] = {}
-    with StagedOutput(final) as out:
+    with open_staged_output(final) as out:
         torch.set_num_threads(PRETRAIN_THREADS)
         try:
             t0 = time.perf_counter()

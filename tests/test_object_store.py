@@ -1,0 +1,167 @@
+"""Outputs on an object store, against a real S3 server on 127.0.0.1 (moto, `s3_server`).
+
+The commit protocol (io/output.py): files staged under a sibling prefix, a commit marker, the
+old output's report and files removed, staged files copied into place, the report last, the
+marker removed. Readers treat a marked or report-less prefix as no output."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline.cli.main import main
+from pipeline.engine.config import MergeConfig
+from pipeline.engine.driver import run_merge
+from pipeline.errors import InputError, OutputError
+from pipeline.io import open_checkpoint, storage
+from pipeline.io.output import COMMIT_MARK, REPORT_NAME, output_state
+from pipeline.runtime.executors import LocalExecutor, RayExecutor
+
+pytestmark = pytest.mark.slow
+
+
+def s3_bytes(prefix: str) -> dict[str, bytes]:
+    """Every object directly under a prefix except the report (which holds timings)."""
+    return {name: storage.read_bytes(f"{prefix}/{name}") for name in storage.list_names(prefix)
+            if name != REPORT_NAME}
+
+
+def local_bytes(directory) -> dict[str, bytes]:
+    return {name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory)) if name != REPORT_NAME}
+
+
+def config(example, out, method="iso_cts", **overrides) -> MergeConfig:
+    base, tuned = example
+    return MergeConfig(base=base, finetuned=list(tuned), method=method, alpha=1.0, out=out,
+                       engine="local", **overrides)
+
+
+def staging_prefixes(prefix: str) -> list[str]:
+    parent, name = storage.parent_and_name(prefix)
+    return [n for n in storage.list_names(parent) if n.startswith(f".{name}.merge-staging-")]
+
+
+def test_merge_to_s3_gives_the_local_bytes_and_verifies(tiny_example, s3_prefix, tmp_path,
+                                                        capsys):
+    run_merge(config(tiny_example, str(tmp_path / "local")))
+    code = main(["merge", "--engine", "local", "--base", tiny_example[0], "--finetuned",
+                 *tiny_example[1], "--method", "iso_cts", "--alpha", "1", "--out", s3_prefix])
+    assert code == 0, capsys.readouterr().err
+    assert s3_bytes(s3_prefix) == local_bytes(tmp_path / "local")
+    assert output_state(s3_prefix) == "ours" and not staging_prefixes(s3_prefix)
+    assert main(["verify", s3_prefix]) == 0
+    with open_checkpoint(s3_prefix) as merged:  # our readers read it like a local output
+        assert merged.keys()
+
+
+def test_ray_workers_stream_their_files_to_the_store(tiny_example, s3_prefix, tmp_path,
+                                                     ray_cluster):
+    run_merge(config(tiny_example, str(tmp_path / "local"), max_shard_size="100KB"))
+    report = run_merge(config(tiny_example, s3_prefix, max_shard_size="100KB"),
+                       executor=RayExecutor(workers=2))
+    assert report.engine.assembly == "workers"  # every node sees the store
+    assert len(report.outputs) > 2
+    assert s3_bytes(s3_prefix) == local_bytes(tmp_path / "local")
+
+
+def test_multipart_upload_and_ranged_reads(s3_prefix):
+    data = os.urandom(3 << 20) * 8  # 24 MiB: pyarrow uploads it in several parts
+    location = f"{s3_prefix}/big.bin"
+    with storage.open_output(location) as out:
+        for i in range(0, len(data), 5 << 20):
+            out.write(data[i:i + (5 << 20)])
+    assert storage.size_of(location) == len(data)
+    reader = storage.open_range_reader(location)
+    try:
+        assert bytes(reader.read_range(17 << 20, 1000)) == data[17 << 20:(17 << 20) + 1000]
+    finally:
+        reader.close()
+
+
+def test_a_failed_upload_leaves_no_object(s3_prefix):
+    location = f"{s3_prefix}/half.bin"
+    with pytest.raises(RuntimeError), storage.open_output(location) as out:
+        out.write(b"x" * 1000)
+        raise RuntimeError("writer died")
+    assert storage.size_of(location) is None
+
+
+def test_overwrite_rules_hold_on_the_store(tiny_example, s3_prefix):
+    run_merge(config(tiny_example, s3_prefix, method="tsv_m"))
+    with pytest.raises(InputError, match="already exists"):
+        run_merge(config(tiny_example, s3_prefix))
+    storage.write_bytes(f"{s3_prefix}/stale-from-an-old-run.safetensors", b"old")
+    report = run_merge(config(tiny_example, s3_prefix, overwrite=True))
+    assert report.method == "iso_cts"
+    assert "stale-from-an-old-run.safetensors" not in storage.list_names(s3_prefix)
+    assert main(["verify", s3_prefix]) == 0
+
+    users = f"{s3_prefix}-users"
+    storage.write_bytes(f"{users}/thesis.tex", b"precious")
+    with pytest.raises(InputError, match="not an output of merge-pipeline"):
+        run_merge(config(tiny_example, users, overwrite=True))
+    assert storage.list_names(users) == ["thesis.tex"]
+    assert storage.read_bytes(f"{users}/thesis.tex") == b"precious"
+
+
+def test_an_interrupted_commit_is_no_output_until_resumed(tiny_example, s3_prefix,
+                                                          monkeypatch):
+    real_copy, copies = storage.copy_file, []
+
+    def dying_copy(source, destination):
+        if len(copies) == 1:
+            raise OSError("connection reset")
+        copies.append(destination)
+        real_copy(source, destination)
+
+    monkeypatch.setattr("pipeline.io.output.copy_file", dying_copy)
+    with pytest.raises(OutputError, match="--overwrite --resume"):
+        run_merge(config(tiny_example, s3_prefix))
+    monkeypatch.undo()
+    assert output_state(s3_prefix) == "uncommitted"
+    assert COMMIT_MARK in storage.list_names(s3_prefix)
+    assert main(["verify", s3_prefix]) == 1  # not an output, whatever it holds
+    with pytest.raises(InputError, match="commit did not finish"):
+        open_checkpoint(s3_prefix)
+    with pytest.raises(InputError, match="already exists"):
+        run_merge(config(tiny_example, s3_prefix))
+    report = run_merge(config(tiny_example, s3_prefix, overwrite=True, resume=True))
+    assert sorted(report.resumed_files) == sorted(f.name for f in report.outputs)  # no recompute
+    assert output_state(s3_prefix) == "ours" and main(["verify", s3_prefix]) == 0
+    assert not staging_prefixes(s3_prefix)
+
+
+def test_an_interrupted_merge_resumes_from_the_staging_prefix(tiny_example, s3_prefix):
+    class StopAfterOne(LocalExecutor):
+        def imap(self, fn, calls, desc=""):
+            for i, result in super().imap(fn, calls, desc):
+                yield i, result
+                if fn.__name__ == "run_shard":
+                    raise KeyboardInterrupt
+
+    cfg = config(tiny_example, s3_prefix, max_shard_size="100KB")
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(cfg, executor=StopAfterOne("cpu"))
+    assert output_state(s3_prefix) == "absent" and len(staging_prefixes(s3_prefix)) == 1
+    report = run_merge(cfg.model_copy(update={"resume": True}))
+    assert 0 < len(report.resumed_files) < len(report.outputs)
+    assert main(["verify", s3_prefix]) == 0
+
+
+def test_report_less_prefix_is_not_an_output(s3_prefix):
+    storage.write_bytes(f"{s3_prefix}/model.safetensors", b"not ours")
+    assert output_state(s3_prefix) == "foreign"
+    assert main(["verify", s3_prefix]) == 2
+
+
+def test_expand_reads_and_writes_the_store(tiny_example, s3_prefix, tmp_path):
+    artefact = f"{s3_prefix}/tsv_c"
+    run_merge(config(tiny_example, artefact, method="tsv_c"))
+    assert main(["expand", "--artefact", artefact, "--base", tiny_example[0], "--task", "1",
+                 "--out", f"{s3_prefix}/task1"]) == 0
+    assert main(["expand", "--artefact", artefact, "--base", tiny_example[0], "--task", "1",
+                 "--out", str(tmp_path / "task1")]) == 0
+    assert s3_bytes(f"{s3_prefix}/task1") == local_bytes(tmp_path / "task1")
+    assert main(["verify", f"{s3_prefix}/task1"]) == 0
