@@ -6,16 +6,27 @@ never fires is caught too. What the checks hold the files to, and why:
 - the head runs no shard math (no GPU), the workers have GPUs, images match the pinned Ray;
 - every Ray pod runs in token-auth mode with the token from the one Secret, and the operator is
   told too (authOptions), since it calls the dashboard itself to follow a RayJob;
-- every entrypoint names a script in ray_jobs/ and configs that exist, and writes only to the
-  shared volume, the one thing that outlives a job's pods;
+- every entrypoint names a script in ray_jobs/ and configs that exist, parses with the real
+  `merge-pipeline` CLI, and writes only to the shared volume, the one thing that outlives a
+  job's pods;
+- the object-store variant (`*-objectstore.yaml`, for clusters with no ReadWriteMany volume)
+  has no PVC or shared volume at all (only pod-local emptyDir, i.e. /dev/shm), gives every Ray
+  pod the store credentials from one Secret (never literals, never the runtime env), and names
+  every location in its entrypoint (inputs, --out, history, report, work dirs, cache) as an
+  object-store URI: a local path there is on one pod's disk, unseen by the others and gone
+  with the pod;
 - the nightly never overlaps itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import io
 import re
 import shlex
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -26,6 +37,14 @@ CLUSTER = REPO / "cluster"
 RAY_VERSION = "2.60.0"
 AUTH_SECRET, AUTH_KEY = "ray-auth-token", "auth_token"  # KubeRay's authOptions reads this key
 SHARED_MOUNT, SHARED_CLAIM = "/mnt/shared", "merge-shared"
+# The object-store variant: pyarrow reads the store's settings from these variables.
+STORE_SECRET = "merge-object-store"
+STORE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # required, from the Secret
+STORE_SECRETS = {*STORE_CREDENTIALS, "AWS_SESSION_TOKEN"}  # never a literal anywhere
+# Entrypoint flags that name a place to read or write, and their nightly/merge YAML keys.
+LOCATION_FLAGS = {"--base": "base", "--finetuned": "finetuned", "--out": "out",
+                  "--history": "history", "--report": "report", "--work-dir": "work_dir",
+                  "--cache": "cache", "--artefact": "artefact"}
 DAY_SECONDS = 24 * 3600
 # RayCronJob spec fields of KubeRay v1.6 (timeZone came in 1.7): anything else is an invented
 # field that the API server would refuse or drop.
@@ -56,6 +75,12 @@ def manifests(path: Path) -> list[dict]:
 
 def is_launcher_config(doc) -> bool:
     return isinstance(doc, dict) and "cluster_name" in doc and "available_node_types" in doc
+
+
+def storage_of(path: Path) -> str:
+    """Where a manifest keeps what must outlive its pods: "shared" (the PVC) or "object-store"
+    (the variant with no ReadWriteMany volume, named `*-objectstore.yaml`)."""
+    return "object-store" if path.stem.endswith("-objectstore") else "shared"
 
 
 YAML_FILES = sorted(CLUSTER.rglob("*.yaml"))
@@ -112,7 +137,46 @@ def python_of(image: str) -> str | None:
     return match.group(1) if match else None
 
 
-def problems_in_pod(pod_spec: dict, where: str, *, shared: bool) -> list[str]:
+def secret_ref(entry: dict | None) -> dict:
+    return (((entry or {}).get("valueFrom") or {}).get("secretKeyRef")) or {}
+
+
+def problems_in_store_access(container: dict, where: str) -> list[str]:
+    """The object-store credentials reach this container from the Secret, key = variable name
+    (AWS_ENDPOINT_URL and AWS_REGION may come from it too, optional: plain AWS S3 needs
+    neither)."""
+    env, problems = env_of(container), []
+    for name in STORE_CREDENTIALS:
+        ref = secret_ref(env.get(name))
+        if (ref.get("name"), ref.get("key")) != (STORE_SECRET, name) or ref.get("optional"):
+            problems.append(f"{where}: {name} does not come from secret {STORE_SECRET}/{name} "
+                            "(required, not optional)")
+    for name in sorted(STORE_SECRETS & set(env)):
+        if "value" in env[name]:
+            problems.append(f"{where}: {name} is a literal in the manifest, not a secretKeyRef")
+    return problems
+
+
+def problems_in_volumes(pod_spec: dict, where: str) -> list[str]:
+    """The object-store variant: no PVC, no shared or node volume, nothing at /mnt/shared; only
+    pod-local emptyDir (Ray's /dev/shm), which dies with the pod and is seen by no other."""
+    problems = []
+    for volume in pod_spec.get("volumes") or []:
+        sources = sorted(set(volume) - {"name"})
+        if sources != ["emptyDir"]:
+            problems.append(f"{where}: volume {volume.get('name')!r} is {'/'.join(sources)}; "
+                            "only pod-local emptyDir here (no PVC, no shared volume)")
+    for container in (pod_spec.get("containers") or []) + (pod_spec.get("initContainers") or []):
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("mountPath", "").rstrip("/") == SHARED_MOUNT:
+                problems.append(f"{where}: {container.get('name')} mounts {SHARED_MOUNT}")
+    return problems
+
+
+def problems_in_pod(pod_spec: dict, where: str, *, storage: str | None) -> list[str]:
+    """A Ray pod. storage: "shared" (PVC at /mnt/shared), "object-store" (no shared volume,
+    store credentials from the Secret), None (the RayJob submitter: it only talks to the
+    dashboard, so it needs neither)."""
     problems = []
     containers = pod_spec.get("containers") or []
     if not containers:
@@ -121,7 +185,10 @@ def problems_in_pod(pod_spec: dict, where: str, *, shared: bool) -> list[str]:
     problems += problems_in_ray_container(ray, where)
     if not image_tag(ray.get("image", "")).startswith(RAY_VERSION):
         problems.append(f"{where}: image {ray.get('image')!r} is not Ray {RAY_VERSION}")
-    if shared:
+    if storage == "object-store":
+        problems += problems_in_volumes(pod_spec, where)
+        problems += problems_in_store_access(ray, where)
+    elif storage == "shared":
         claims = {v["name"]: (v.get("persistentVolumeClaim") or {}).get("claimName")
                   for v in pod_spec.get("volumes") or []}
         mounted = {m["mountPath"]: claims.get(m["name"]) for m in ray.get("volumeMounts") or []}
@@ -130,7 +197,7 @@ def problems_in_pod(pod_spec: dict, where: str, *, shared: bool) -> list[str]:
     return problems
 
 
-def problems_in_cluster_spec(spec: dict, where: str) -> list[str]:
+def problems_in_cluster_spec(spec: dict, where: str, storage: str = "shared") -> list[str]:
     problems = []
     if spec.get("rayVersion") != RAY_VERSION:
         problems.append(f"{where}: rayVersion {spec.get('rayVersion')!r} != {RAY_VERSION!r}")
@@ -140,7 +207,7 @@ def problems_in_cluster_spec(spec: dict, where: str) -> list[str]:
                         "(the operator needs the token to follow jobs)")
     head = spec.get("headGroupSpec") or {}
     head_pod = (head.get("template") or {}).get("spec") or {}
-    problems += problems_in_pod(head_pod, f"{where} head", shared=True)
+    problems += problems_in_pod(head_pod, f"{where} head", storage=storage)
     if str((head.get("rayStartParams") or {}).get("num-gpus")) != "0":
         problems.append(f"{where}: head rayStartParams num-gpus is not '0'")
     if any(gpus(c, f) for c in head_pod.get("containers") or [] for f in ("limits", "requests")):
@@ -152,7 +219,7 @@ def problems_in_cluster_spec(spec: dict, where: str) -> list[str]:
     for group in groups:
         name = f"{where} worker group {group.get('groupName')}"
         pod = (group.get("template") or {}).get("spec") or {}
-        problems += problems_in_pod(pod, name, shared=True)
+        problems += problems_in_pod(pod, name, storage=storage)
         ray = (pod.get("containers") or [{}])[0]
         pythons.add(python_of(ray.get("image", "")))
         if gpus(ray, "limits") < 1 or gpus(ray, "requests") != gpus(ray, "limits"):
@@ -166,41 +233,54 @@ def problems_in_cluster_spec(spec: dict, where: str) -> list[str]:
     return problems
 
 
-def problems_in_raycluster(doc: dict) -> list[str]:
-    return problems_in_cluster_spec(doc.get("spec") or {}, f"RayCluster {doc['metadata']['name']}")
+def problems_in_raycluster(doc: dict, storage: str = "shared") -> list[str]:
+    return problems_in_cluster_spec(doc.get("spec") or {}, f"RayCluster {doc['metadata']['name']}",
+                                    storage)
 
 
-def problems_in_rayjob_spec(spec: dict, where: str) -> list[str]:
+def problems_in_rayjob_spec(spec: dict, where: str, storage: str = "shared") -> list[str]:
     problems = []
     if not spec.get("entrypoint"):
         problems.append(f"{where}: no entrypoint")
+    elif storage == "object-store":
+        problems += [f"{where}: {problem}"
+                     for problem in problems_in_object_store_entrypoint(spec["entrypoint"])]
     if spec.get("shutdownAfterJobFinishes") is not True:
         problems.append(f"{where}: shutdownAfterJobFinishes is not true (GPUs left running)")
     if spec.get("rayClusterSpec"):
-        problems += problems_in_cluster_spec(spec["rayClusterSpec"], where)
+        problems += problems_in_cluster_spec(spec["rayClusterSpec"], where, storage)
     elif not spec.get("clusterSelector"):
         problems.append(f"{where}: neither rayClusterSpec nor clusterSelector")
     if not 0 < int(spec.get("activeDeadlineSeconds") or 0) < DAY_SECONDS:
         problems.append(f"{where}: activeDeadlineSeconds must be set, under a day")
     if spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
         submitter = ((spec.get("submitterPodTemplate") or {}).get("spec") or {})
-        problems += problems_in_pod(submitter, f"{where} submitter", shared=False)
+        problems += problems_in_pod(submitter, f"{where} submitter", storage=None)
+        if storage == "object-store":
+            problems += problems_in_volumes(submitter, f"{where} submitter")
     try:
         runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
         if not isinstance(runtime_env, dict):
             problems.append(f"{where}: runtimeEnvYAML is not a mapping")
-        elif any(re.match(r"[A-Za-z0-9_.-]*", str(p)).group().lower() == "ray"
-                 for p in runtime_env.get("pip") or []):
-            problems.append(f"{where}: runtime_env pip reinstalls ray over the image's")
+        else:
+            if any(re.match(r"[A-Za-z0-9_.-]*", str(p)).group().lower() == "ray"
+                   for p in runtime_env.get("pip") or []):
+                problems.append(f"{where}: runtime_env pip reinstalls ray over the image's")
+            # The runtime env is shown by the dashboard and kept with the job: no secrets there.
+            leaked = STORE_SECRETS & set(runtime_env.get("env_vars") or {})
+            if leaked:
+                problems.append(f"{where}: runtime_env env_vars carry {sorted(leaked)}; "
+                                f"credentials come from secret {STORE_SECRET} in the pods' env")
     except yaml.YAMLError as error:
         problems.append(f"{where}: runtimeEnvYAML does not parse: {error}")
     return problems
 
 
-def problems_in_rayjob(doc: dict) -> list[str]:
+def problems_in_rayjob(doc: dict, storage: str = "shared") -> list[str]:
     meta = doc.get("metadata") or {}
     return problems_in_rayjob_spec(doc.get("spec") or {},
-                                   f"RayJob {meta.get('name') or meta.get('generateName')}")
+                                   f"RayJob {meta.get('name') or meta.get('generateName')}",
+                                   storage)
 
 
 def is_five_field_cron(schedule) -> bool:
@@ -208,7 +288,7 @@ def is_five_field_cron(schedule) -> bool:
     return len(fields) == 5 and all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields)
 
 
-def problems_in_raycronjob(doc: dict) -> list[str]:
+def problems_in_raycronjob(doc: dict, storage: str = "shared") -> list[str]:
     where, spec = f"RayCronJob {doc['metadata']['name']}", doc.get("spec") or {}
     problems = []
     if not is_five_field_cron(spec.get("schedule")):
@@ -219,7 +299,7 @@ def problems_in_raycronjob(doc: dict) -> list[str]:
     if not isinstance(spec.get("jobTemplate"), dict):
         problems.append(f"{where}: no jobTemplate")
     else:
-        problems += problems_in_rayjob_spec(spec["jobTemplate"], f"{where} jobTemplate")
+        problems += problems_in_rayjob_spec(spec["jobTemplate"], f"{where} jobTemplate", storage)
     return problems
 
 
@@ -228,7 +308,8 @@ def role_can_create_rayjobs(role: dict) -> bool:
                and {"create", "get"} <= set(r.get("verbs", [])) for r in role.get("rules") or [])
 
 
-def problems_in_cronjob(cronjob: dict, same_file: list[dict]) -> list[str]:
+def problems_in_cronjob(cronjob: dict, same_file: list[dict], storage: str = "shared"
+                        ) -> list[str]:
     """The CronJob, the RayJob it creates from its ConfigMap, and the RBAC that allows that."""
     where, spec = f"CronJob {cronjob['metadata']['name']}", cronjob.get("spec") or {}
     problems = []
@@ -265,7 +346,7 @@ def problems_in_cronjob(cronjob: dict, same_file: list[dict]) -> list[str]:
         rayjob = rayjobs[0]
         if not rayjob["metadata"].get("generateName") or rayjob["metadata"].get("name"):
             problems.append(f"{where}: the RayJob needs generateName (a new name each night)")
-        problems += problems_in_rayjob(rayjob)
+        problems += problems_in_rayjob(rayjob, storage)
         own_deadline = int(rayjob["spec"].get("activeDeadlineSeconds") or 0)
         if int(job.get("activeDeadlineSeconds") or 0) <= own_deadline:
             problems.append(f"{where}: the launcher must outlive the RayJob's own deadline")
@@ -288,6 +369,123 @@ def problems_in_entrypoint(entrypoint: str) -> list[str]:
                 problems.append(f"{entrypoint!r}: {flag} {value} is not under {SHARED_MOUNT}")
         elif value.endswith((".yaml", ".yml")) and not (REPO / value).is_file():
             problems.append(f"{entrypoint!r}: {flag} {value} does not exist in the repo")
+    return problems
+
+
+def flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) for every value on a command line: `--finetuned a b` gives two pairs,
+    `--out=x` one; a switch (`--resume`) none."""
+    pairs, flag = [], None
+    for token in argv:
+        if token.startswith("--"):
+            flag, has_value, value = token.partition("=")
+            if has_value:
+                pairs.append((flag, value))
+        elif flag is not None:
+            pairs.append((flag, token))
+    return pairs
+
+
+def is_object_store_uri(value: str) -> bool:
+    """scheme://bucket/prefix on a store every pod reaches over the network: not file://
+    (a local path), a prefix inside the bucket, no query string (the product refuses one in an
+    output; the store is configured by the environment)."""
+    parsed = urllib.parse.urlparse(value)
+    return ("://" in value and parsed.scheme.lower() not in ("", "file") and bool(parsed.netloc)
+            and bool(parsed.path.strip("/")) and not parsed.query and not parsed.fragment)
+
+
+def problems_in_object_store_entrypoint(entrypoint: str) -> list[str]:
+    """No shared volume: every location the job reads or writes (flags, and the fields of a
+    --config it names, which must be a file of the repo, i.e. of the working_dir) is an
+    object-store URI. A local path would be on the head pod's disk only: unseen by the workers,
+    gone with the cluster."""
+    argv = shlex.split(entrypoint)
+    pairs, problems = flag_values(argv[2:]), []
+    locations: dict[str, list[tuple[str, str]]] = {}  # config key -> [(where, value)]
+    config = dict(pairs).get("--config")
+    if config is not None:
+        if config.startswith("/") or "://" in config:
+            problems.append(f"--config {config}: not a file of the repo (working_dir); "
+                            "there is no volume to hold it")
+        elif (REPO / config).is_file():
+            from pipeline.engine.config import load_yaml
+            for key, value in load_yaml(str(REPO / config)).items():
+                if key in LOCATION_FLAGS.values() and value is not None:
+                    values = value if isinstance(value, list) else [value]
+                    locations[key] = [(f"{config}: {key}", str(v)) for v in values]
+    given: dict[str, list[tuple[str, str]]] = {}
+    for flag, value in pairs:
+        if flag in LOCATION_FLAGS:
+            given.setdefault(LOCATION_FLAGS[flag], []).append((flag, value))
+        elif value.startswith("/"):
+            problems.append(f"{flag} {value}: a local path, on the head pod's disk only")
+    locations.update(given)  # flags win over the config file, as in the CLI
+    for key in LOCATION_FLAGS.values():
+        for where, value in locations.get(key, []):
+            if not is_object_store_uri(value):
+                problems.append(f"{where} {value} is not an object-store URI "
+                                "(scheme://bucket/prefix, no query string)")
+    return problems
+
+
+def _load_script(relative: str):
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the scripts run main() only under __main__
+    return module
+
+
+def problems_in_arguments(entrypoint: str) -> list[str]:
+    """The arguments parse with the real `merge-pipeline` parser, as the ray_jobs script builds
+    them (so a flag that does not exist fails here, not on the cluster); a merge given as flags
+    alone is also validated as a merge config."""
+    from pipeline.cli.main import build_parser, merge_config_from_args
+    from pipeline.cli.ray_job import job_argv
+    from pipeline.errors import InputError
+    from pipeline.methods.registry import get_method
+    argv = shlex.split(entrypoint)
+    scripts = {"ray_jobs/merge.py": lambda a: job_argv("merge", a),
+               "ray_jobs/nightly.py": lambda a: job_argv("nightly", a),
+               "ray_jobs/evaluate.py": lambda a: _load_script("ray_jobs/evaluate.py")
+               .evaluate_argv(a)}
+    if len(argv) < 2 or argv[1] not in scripts:
+        return [f"{entrypoint!r}: no known ray_jobs script to parse the arguments of"]
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = build_parser().parse_args(scripts[argv[1]](argv[2:]))
+    except SystemExit:
+        last = (errors.getvalue().strip().splitlines() or ["?"])[-1]
+        return [f"{entrypoint!r}: does not parse: {last}"]
+    if args.command == "merge" and not args.config:
+        try:
+            get_method(merge_config_from_args(args).method)
+        except InputError as error:
+            return [f"{entrypoint!r}: not a valid merge: {error}"]
+    return []
+
+
+def problems_in_object_store_doc(doc: dict) -> list[str]:
+    """Anywhere in an object-store manifest (every pod, every embedded object): no PVC or
+    claim template, and no mention of the shared mount."""
+    problems = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("kind") in ("PersistentVolumeClaim", "PersistentVolume"):
+                problems.append(f"{path}: a {node['kind']}")
+            for key, value in node.items():
+                if key in ("persistentVolumeClaim", "volumeClaimTemplate", "volumeClaimTemplates"):
+                    problems.append(f"{path}.{key}: a PVC in the object-store variant")
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}.{i}")
+        elif isinstance(node, str) and SHARED_MOUNT in node:
+            problems.append(f"{path}: names {SHARED_MOUNT}, which this variant does not have")
+
+    walk(doc, doc.get("kind", "?"))
     return problems
 
 
@@ -326,20 +524,22 @@ def problems_in_file(path: Path) -> list[str]:
     if path in LAUNCHER_FILES:
         return [p for d in load_docs(path) if is_launcher_config(d)
                 for p in problems_in_launcher(d)]
-    docs = manifests(path)
+    docs, storage = manifests(path), storage_of(path)
     problems = []
     for doc in docs:
         kind = doc["kind"]
         if kind in ("RayCluster", "RayJob", "RayCronJob") and doc.get("apiVersion") != "ray.io/v1":
             problems.append(f"{kind}: apiVersion is not ray.io/v1")
+        if storage == "object-store":
+            problems += problems_in_object_store_doc(doc)
         if kind == "RayCluster":
-            problems += problems_in_raycluster(doc)
+            problems += problems_in_raycluster(doc, storage)
         elif kind == "RayJob":
-            problems += problems_in_rayjob(doc)
+            problems += problems_in_rayjob(doc, storage)
         elif kind == "RayCronJob":
-            problems += problems_in_raycronjob(doc)
+            problems += problems_in_raycronjob(doc, storage)
         elif kind == "CronJob":
-            problems += problems_in_cronjob(doc, docs)
+            problems += problems_in_cronjob(doc, docs, storage)
     return problems
 
 

@@ -165,3 +165,35 @@ def test_expand_reads_and_writes_the_store(tiny_example, s3_prefix, tmp_path):
                  "--out", str(tmp_path / "task1")]) == 0
     assert s3_bytes(f"{s3_prefix}/task1") == local_bytes(tmp_path / "task1")
     assert main(["verify", f"{s3_prefix}/task1"]) == 0
+
+
+def test_bench_results_and_task_vectors_go_to_the_store(tiny_suite, s3_prefix):
+    from pipeline.bench.runner import BenchOptions, run_bench
+    path, _, _ = tiny_suite
+    out = f"{s3_prefix}/bench"
+    summary = run_bench(BenchOptions(suite=path, tasks=2, methods=("task_arithmetic",),
+                                     out=out, engine="local"), log=lambda *_: None)
+    assert {"summary.json", "summary.parquet", "summary.md"} <= set(storage.list_names(out))
+    assert b'"rows"' in storage.read_bytes(f"{out}/summary.json")
+    assert main(["verify", f"{out}/task_vectors/task_arithmetic"]) == 0
+    assert summary.rows["task_arithmetic"].alpha is not None
+
+
+def test_the_suite_cache_can_live_on_the_store(tiny_suite, s3_prefix, tmp_path, monkeypatch):
+    """A suite this machine has is uploaded whole; a machine without it fetches it."""
+    from pipeline.bench.suites.build import ensure_suite
+    path, cache, _ = tiny_suite
+    monkeypatch.setenv("MERGE_PIPELINE_CACHE", cache)
+    assert ensure_suite("tiny", s3_prefix, log=lambda *_: None) == path
+    shared = f"{s3_prefix}/suites/{os.path.basename(path)}"
+    assert output_state(shared) == "foreign"  # committed, with suite.json as its commit point
+    assert storage.exists(f"{shared}/suite.json") and COMMIT_MARK not in storage.list_names(
+        shared)
+
+    monkeypatch.setenv("MERGE_PIPELINE_CACHE", str(tmp_path / "fresh-machine"))
+    fetched = ensure_suite("tiny", s3_prefix, log=lambda *_: None)
+    assert fetched.startswith(str(tmp_path / "fresh-machine"))
+    assert storage.list_files(fetched) == storage.list_files(path)
+    for name in storage.list_files(path):
+        assert open(os.path.join(fetched, name), "rb").read() == open(
+            os.path.join(path, name), "rb").read()

@@ -27,6 +27,7 @@ from pipeline.errors import InputError
 from pipeline.evaluation.data import TaskData, load_task
 from pipeline.evaluation.pool import EvaluationPool
 from pipeline.evaluation.search import absolute, normalized, select_alpha
+from pipeline.io import storage
 from pipeline.io.output import write_file_atomic
 from pipeline.methods.registry import MethodSpec, get_method
 from pipeline.models.weights import Weights
@@ -146,7 +147,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         if m.kind == "compress":
             raise InputError(f"method {m.name!r} compresses per task; it has no merged model "
                              f"to benchmark")
-    if os.path.exists(options.out) and not options.overwrite:
+    if storage.exists(options.out) and not options.overwrite:
         raise InputError(f"{options.out}: output already exists (pass --overwrite)")
     executor = None
     if options.engine == "ray":
@@ -184,7 +185,8 @@ def _merge_methods(options: BenchOptions, methods: list[MethodSpec], suite_dir: 
     task_vectors, merges = {}, {}
     for method in methods:
         t0 = time.perf_counter()
-        task_vectors[method.name] = os.path.join(options.out, "task_vectors", method.name)
+        task_vectors[method.name] = storage.join(storage.join(options.out, "task_vectors"),
+                                                 method.name)
         report = run_merge(MergeConfig(base=base, finetuned=finetuned, method=method.name,
                                        out=task_vectors[method.name], output="task_vector",
                                        engine=options.engine, workers=options.workers,
@@ -261,10 +263,12 @@ def format_table(summary: BenchSummary) -> str:
 
 
 def write_results(out: str, summary: BenchSummary) -> None:
-    os.makedirs(out, exist_ok=True)
+    """summary.json, .parquet and .md into `out` (a local directory or an object-store
+    prefix), each appearing whole."""
+    storage.make_dirs(out)
     text = summary.to_json()
-    write_file_atomic(os.path.join(out, "summary.json"), lambda fh: fh.write(text.encode()))
-    write_file_atomic(os.path.join(out, "summary.parquet"),
+    write_file_atomic(storage.join(out, "summary.json"), lambda fh: fh.write(text.encode()))
+    write_file_atomic(storage.join(out, "summary.parquet"),
                       lambda fh: pq.write_table(summary_table(summary), fh))
     table = format_table(summary) + "\n"
-    write_file_atomic(os.path.join(out, "summary.md"), lambda fh: fh.write(table.encode()))
+    write_file_atomic(storage.join(out, "summary.md"), lambda fh: fh.write(table.encode()))

@@ -11,7 +11,6 @@ threshold was crossed, 2 bad configuration, 3 a cell of the matrix failed.
 from __future__ import annotations
 
 import os
-import shutil
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -24,6 +23,7 @@ from pipeline.history.regressions import Regression, Thresholds, detect_regressi
 from pipeline.history.report import write_report
 from pipeline.history.rows import RunContext, bench_rows
 from pipeline.history.store import append_run, read_history
+from pipeline.io import storage
 from pipeline.io.output import write_json_atomic
 from pipeline.methods.registry import get_method
 
@@ -104,7 +104,7 @@ class NightlyResult:
 def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> NightlyResult:
     config.validate()
     ctx = RunContext(kind="bench")
-    run_dir = os.path.join(config.work_dir, ctx.run_id)
+    run_dir = storage.join(config.work_dir, ctx.run_id)
     log(f"nightly run {ctx.run_id} (commit {ctx.git_commit[:12]}): "
         f"{len(config.suites)} suite(s) x {len(config.task_counts)} task count(s) x "
         f"{len(config.methods)} method(s)")
@@ -114,7 +114,7 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
     for suite in config.suites:
         for count in config.task_counts:
             label = f"{os.path.basename(os.path.normpath(suite))}-T{count or 'all'}"
-            out = os.path.join(run_dir, label)
+            out = storage.join(run_dir, label)
             log(f"[{label}]")
             try:
                 summary = run_bench(BenchOptions(
@@ -127,7 +127,7 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
                 failures.append({"cell": label, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             if not config.keep_task_vectors:
-                shutil.rmtree(os.path.join(out, "task_vectors"), ignore_errors=True)
+                storage.remove_tree(storage.join(out, "task_vectors"))
             log(format_table(summary))
             rows += bench_rows(ctx, summary)
             cells.append({"cell": label, "out": out,
@@ -140,8 +140,8 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
                  failures=failures)
     result = NightlyResult(ctx.run_id, history_file, config.report, cells, regressions,
                            failures)
-    os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run_dir, "nightly.json"), {
+    storage.make_dirs(run_dir)
+    write_json_atomic(storage.join(run_dir, "nightly.json"), {
         "run_id": ctx.run_id, "git_commit": ctx.git_commit, "history_file": history_file,
         "report": config.report, "cells": cells, "failures": failures,
         "regressions": [r.to_dict() for r in regressions], "exit_code": result.exit_code})

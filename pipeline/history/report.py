@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pipeline.history.regressions import Regression, Thresholds, detect_regressions
 from pipeline.history.store import MEAN
+from pipeline.io import storage
 from pipeline.io.output import write_file_atomic
 
 REFERENCES = ("zero_shot", "finetuned")
@@ -266,7 +267,7 @@ def write_report(history: pa.Table, out: str, thresholds: Thresholds,
                  regressions_of_latest: Sequence[Regression] | None = None,
                  failures: Sequence[dict[str, str]] = ()) -> str:
     page = render_report(history, thresholds, regressions_of_latest, failures).encode()
-    if os.path.dirname(os.path.abspath(out)):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    storage.make_dirs(storage.parent_and_name(out if storage.is_uri(out)
+                                              else os.path.abspath(out))[0])
     write_file_atomic(out, lambda fh: fh.write(page))
     return out

@@ -30,6 +30,7 @@ from pipeline.io.storage import (
     copy_file,
     is_local,
     join,
+    list_files,
     list_names,
     make_dirs,
     open_output,
@@ -166,11 +167,12 @@ def _check_writable(final: str, location: str) -> None:
 
 
 def open_staged_output(location: str, overwrite: bool = False, run_key: str | None = None,
-                       resume: bool = False) -> StagedOutput:
-    """The staged output for a location: a local directory or an object-store prefix."""
+                       resume: bool = False, commit_point: str = REPORT_NAME) -> StagedOutput:
+    """The staged output for a location: a local directory or an object-store prefix.
+    `commit_point` names the file written last on an object store (our report)."""
     final = output_location(location)
     cls = LocalOutput if is_local(final) else ObjectStoreOutput
-    return cls(location, overwrite, run_key, resume)
+    return cls(location, overwrite, run_key, resume, commit_point)
 
 
 class StagedOutput:
@@ -188,8 +190,9 @@ class StagedOutput:
     """
 
     def __init__(self, location: str, overwrite: bool = False, run_key: str | None = None,
-                 resume: bool = False):
+                 resume: bool = False, commit_point: str = REPORT_NAME):
         self.location = location
+        self.commit_point = commit_point
         self.final = prepare_output(location, overwrite)
         self.overwrite = overwrite
         self.path = staging_dir_for(self.final, run_key)
@@ -256,8 +259,8 @@ class LocalOutput(StagedOutput):
     atomic), locked against a second run of the same merge, renamed into place."""
 
     def __init__(self, location: str, overwrite: bool = False, run_key: str | None = None,
-                 resume: bool = False):
-        super().__init__(location, overwrite, run_key, resume)
+                 resume: bool = False, commit_point: str = REPORT_NAME):
+        super().__init__(location, overwrite, run_key, resume, commit_point)
         self.resumed = resume and os.path.isdir(self.path)
         try:
             os.makedirs(os.path.dirname(self.final), exist_ok=True)
@@ -324,8 +327,8 @@ class ObjectStoreOutput(StagedOutput):
     `--overwrite`."""
 
     def __init__(self, location: str, overwrite: bool = False, run_key: str | None = None,
-                 resume: bool = False):
-        super().__init__(location, overwrite, run_key, resume)
+                 resume: bool = False, commit_point: str = REPORT_NAME):
+        super().__init__(location, overwrite, run_key, resume, commit_point)
         try:
             staged = list_names(self.path)
             self.resumed = resume and bool(staged)
@@ -340,18 +343,20 @@ class ObjectStoreOutput(StagedOutput):
         state = output_state(self.final)
         if state != "absent":
             self._check_still_replaceable(state)
-        names = self.staged_names()
-        if REPORT_NAME not in names:
-            raise OutputError(f"{self.path}: nothing to commit (no {REPORT_NAME} staged)")
+        names = [n for n in list_files(self.path) if n.rsplit("/", 1)[-1] != ".lock"
+                 and not n.endswith(DONE_SUFFIX) and ".partial-" not in n]
+        last = self.commit_point
+        if last not in names:
+            raise OutputError(f"{self.path}: nothing to commit (no {last} staged)")
         mark = join(self.final, COMMIT_MARK)
         try:
             write_json_atomic(mark, {"staging": self.path, "files": names,
                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            remove(join(self.final, REPORT_NAME))  # the old output's commit point goes first
-            for name in list_names(self.final):
+            remove(join(self.final, last))  # the old output's commit point goes first
+            for name in list_files(self.final):
                 if name not in (COMMIT_MARK, *names):
-                    _remove_any(join(self.final, name))
-            for name in [n for n in names if n != REPORT_NAME] + [REPORT_NAME]:
+                    remove(join(self.final, name))
+            for name in [n for n in names if n != last] + [last]:
                 copy_file(self.file(name), join(self.final, name))
                 staged, placed = size_of(self.file(name)), size_of(join(self.final, name))
                 if placed != staged:
@@ -366,13 +371,6 @@ class ObjectStoreOutput(StagedOutput):
         remove_tree(self.path)
         self.committed = True
         return self.final
-
-
-def _remove_any(location: str) -> None:
-    if size_of(location) is None:
-        remove_tree(location)
-    else:
-        remove(location)
 
 
 def done_marker(directory: str, file_name: str) -> str:

@@ -173,6 +173,37 @@ def list_names(location: str) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
+def list_files(location: str) -> list[str]:
+    """Every file under a directory or prefix, as sorted '/'-separated relative paths."""
+    path = local_path(location)
+    if path is not None:
+        found = [os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
+                 for d, _, files in os.walk(path) for f in files]
+        return sorted(found)
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(inner.rstrip("/")) + 1:] for i in infos
+                  if i.type == pafs.FileType.File)
+
+
+def copy_tree(source: str, destination: str) -> None:
+    """Copy every file under `source` to the same relative path under `destination`, across
+    stores (local to object store and back), streaming."""
+    for relative in list_files(source):
+        target = join(destination, relative)
+        if is_local(target):
+            os.makedirs(os.path.dirname(str(local_path(target))), exist_ok=True)
+        reader = open_range_reader(join(source, relative))
+        try:
+            with open_output(target) as out:
+                for offset in range(0, reader.size, 16 << 20):
+                    out.write(reader.read_range(offset, min(16 << 20, reader.size - offset)))
+        finally:
+            reader.close()
+
+
 def make_dirs(location: str) -> None:
     path = local_path(location)
     if path is not None:

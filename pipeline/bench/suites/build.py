@@ -30,6 +30,7 @@ from pipeline.bench.suites import training
 from pipeline.bench.suites.tasks import SPLITS, TASKS, make_split
 from pipeline.errors import InputError
 from pipeline.evaluation.data import load_task
+from pipeline.io import storage
 from pipeline.io.output import open_staged_output, write_json_atomic
 from pipeline.io.reader import open_checkpoint
 from pipeline.io.safetensors_io import write_safetensors
@@ -105,10 +106,18 @@ def get_spec(name: str) -> SuiteSpec:
 
 def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
                  log=print) -> str:
-    """The directory of a built suite: a path to one, or a built-in name (built if needed)."""
+    """The directory of a built suite: a path to one, or a built-in name (built if needed).
+
+    A `root` that is an object-store URI is a cache every machine of a cluster shares: a suite
+    found there is copied into this machine's local cache once (evaluation reads it many
+    times, so it is read locally); one this machine had to build is uploaded there, whole
+    (the output commit protocol, `suite.json` last), for the next machine and the next night.
+    """
     if os.path.isfile(os.path.join(name_or_dir, "suite.json")):
         return name_or_dir
     spec = get_spec(name_or_dir)
+    if root is not None and storage.is_uri(root):
+        return _through_shared_cache(spec, root, executor, log)
     final = suite_dir(spec, root)
     if os.path.isfile(os.path.join(final, "suite.json")):
         return final
@@ -120,6 +129,26 @@ def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
             return final
         raise exc
     return final
+
+
+def _through_shared_cache(spec: SuiteSpec, root: str, executor, log) -> str:
+    local = suite_dir(spec)
+    shared = storage.join(storage.join(root, "suites"), os.path.basename(local))
+    shared_has_it = storage.exists(storage.join(shared, "suite.json"))
+    if not os.path.isfile(os.path.join(local, "suite.json")):
+        if shared_has_it:
+            log(f"fetching suite {spec.name!r} from {shared}")
+            with open_staged_output(local, overwrite=True, commit_point="suite.json") as out:
+                storage.copy_tree(shared, out.path)
+                out.commit()
+        else:
+            ensure_suite(spec.name, None, executor, log)
+    if not shared_has_it:
+        log(f"uploading suite {spec.name!r} to {shared}")
+        with open_staged_output(shared, overwrite=True, commit_point="suite.json") as out:
+            storage.copy_tree(local, out.path)
+            out.commit()
+    return local
 
 
 def save_model(model: ClipVisionTower, directory: str) -> None:
