@@ -3,58 +3,27 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from s3_server import free_port, point_s3_at, running_s3_server
 
 os.environ.setdefault("MERGE_PIPELINE_PROGRESS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Every s3:// URI in the tests goes to a local S3 server (`s3_bucket`), never to the network.
+# Every s3:// URI in the tests goes to a local S3 server (`s3_server`), never to the network.
 # Set before any Ray cluster starts, so Ray workers inherit it too.
-S3_PORT = _free_port()
-os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="test",
-                  AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
-                  AWS_EC2_METADATA_DISABLED="true")
-S3_BUCKET = "merge-tests"
+S3_PORT = free_port()
+point_s3_at(S3_PORT)
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone S3 server on 127.0.0.1 (installed by the README's test command),
-    started once per session, with the test bucket created; stopped at the end."""
-    server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(S3_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the local S3 server (moto_server) did not start")
-                time.sleep(0.1)
-        import pyarrow.fs as pafs
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http",
-                          region="us-east-1", access_key="test", secret_key="test",
-                          allow_bucket_creation=True).create_dir(S3_BUCKET)
-        yield f"s3://{S3_BUCKET}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    started once per session with a test bucket: yields "s3://bucket"."""
+    with running_s3_server(S3_PORT, "merge-tests") as bucket:
+        yield bucket
 
 
 @pytest.fixture

@@ -418,7 +418,7 @@ def problems_in_object_store_entrypoint(entrypoint: str) -> list[str]:
     for flag, value in pairs:
         if flag in LOCATION_FLAGS:
             given.setdefault(LOCATION_FLAGS[flag], []).append((flag, value))
-        elif value.startswith("/"):
+        elif flag != "--config" and value.startswith("/"):
             problems.append(f"{flag} {value}: a local path, on the head pod's disk only")
     locations.update(given)  # flags win over the config file, as in the CLI
     for key in LOCATION_FLAGS.values():
@@ -556,6 +556,10 @@ def test_all_the_kinds_are_shipped():
     assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "ConfigMap", "ServiceAccount",
             "Role", "RoleBinding"} <= kinds
     assert [p.name for p in LAUNCHER_FILES] == ["merge-cluster.yaml"]
+    # The object-store rules apply to something: a standing cluster and a merge RayJob.
+    object_store = {d["kind"] for p in K8S_FILES if storage_of(p) == "object-store"
+                    for d in manifests(p)}
+    assert {"RayCluster", "RayJob"} <= object_store
 
 
 @pytest.mark.parametrize("path", K8S_FILES + LAUNCHER_FILES, ids=lambda p: p.name)
@@ -564,7 +568,8 @@ def test_shipped_config_has_no_problems(path):
 
 
 def test_every_cluster_spec_is_the_same_cluster():
-    """Four copies of the cluster (standing, merge, two nightlies): they must not drift."""
+    """Six copies of the cluster (standing, merge, two nightlies, and the standing and merge
+    clusters of the object-store variant, which differ only in storage): they must not drift."""
     def summary(spec):
         head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
         workers = [(g["groupName"], g["template"]["spec"]["containers"][0]["image"],
@@ -574,8 +579,19 @@ def test_every_cluster_spec_is_the_same_cluster():
     specs = [the("RayCluster", "raycluster.yaml")["spec"],
              the("RayJob", "rayjob-merge.yaml")["spec"]["rayClusterSpec"],
              the("RayJob", "nightly-cronjob.yaml")["spec"]["rayClusterSpec"],
-             the("RayCronJob", "nightly-raycronjob.yaml")["spec"]["jobTemplate"]["rayClusterSpec"]]
+             the("RayCronJob", "nightly-raycronjob.yaml")["spec"]["jobTemplate"]["rayClusterSpec"],
+             the("RayCluster", "raycluster-objectstore.yaml")["spec"],
+             the("RayJob", "rayjob-merge-objectstore.yaml")["spec"]["rayClusterSpec"]]
     assert all(summary(s) == summary(specs[0]) for s in specs[1:])
+
+
+def test_both_variants_run_the_same_merge_job():
+    """The object-store RayJob is rayjob-merge.yaml but for storage: same runtime env, deadlines,
+    retry and submitter."""
+    def summary(spec):
+        return {k: v for k, v in spec.items() if k not in ("entrypoint", "rayClusterSpec")}
+    assert (summary(the("RayJob", "rayjob-merge-objectstore.yaml")["spec"])
+            == summary(the("RayJob", "rayjob-merge.yaml")["spec"]))
 
 
 def test_both_nightlies_run_the_same_job_on_the_same_schedule():
@@ -597,6 +613,11 @@ def test_the_launcher_config_passes_rays_own_schema():
 @pytest.mark.parametrize("entrypoint", [pytest.param(e, id=w) for w, e in entrypoints()])
 def test_entrypoint_names_scripts_and_configs_that_exist(entrypoint):
     assert problems_in_entrypoint(entrypoint) == []
+
+
+@pytest.mark.parametrize("entrypoint", [pytest.param(e, id=w) for w, e in entrypoints()])
+def test_entrypoint_parses_with_the_real_cli(entrypoint):
+    assert problems_in_arguments(entrypoint) == []
 
 
 def test_the_nightly_entrypoint_config_loads(monkeypatch):
@@ -663,6 +684,61 @@ def _no_shared_volume_on_worker(d):
     _worker(d["spec"]["rayClusterSpec"])["volumeMounts"] = []
 
 
+def _spec_of(d):
+    return d["spec"].get("rayClusterSpec") or d["spec"]
+
+
+def _pvc_on_worker(d):
+    """The shared volume of raycluster.yaml put back into an object-store manifest."""
+    pod = _spec_of(d)["workerGroupSpecs"][0]["template"]["spec"]
+    pod["volumes"].append({"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_CLAIM}})
+    _worker(_spec_of(d))["volumeMounts"].append({"name": "shared", "mountPath": SHARED_MOUNT})
+
+
+def _host_path_on_head(d):
+    _spec_of(d)["headGroupSpec"]["template"]["spec"]["volumes"].append(
+        {"name": "scratch", "hostPath": {"path": "/data"}})
+
+
+def _store_env(container, name):
+    return next(e for e in container["env"] if e["name"] == name)
+
+
+def _literal_store_secret_on_worker(d):
+    entry = _store_env(_worker(_spec_of(d)), "AWS_SECRET_ACCESS_KEY")
+    entry.pop("valueFrom")
+    entry["value"] = "hunter2"
+
+
+def _no_store_key_on_head(d):
+    head = _head(_spec_of(d))
+    head["env"] = [e for e in head["env"] if e["name"] != "AWS_ACCESS_KEY_ID"]
+
+
+def _store_key_from_other_secret(d):
+    _store_env(_worker(_spec_of(d)), "AWS_ACCESS_KEY_ID")["valueFrom"]["secretKeyRef"]["name"] = \
+        "someone-elses"
+
+
+def _store_key_optional(d):
+    _store_env(_head(_spec_of(d)), "AWS_SECRET_ACCESS_KEY")["valueFrom"]["secretKeyRef"][
+        "optional"] = True
+
+
+def _edit_entrypoint(old, new):
+    def edit(d):
+        assert old in d["spec"]["entrypoint"], old
+        d["spec"]["entrypoint"] = d["spec"]["entrypoint"].replace(old, new)
+    return edit
+
+
+def _credentials_in_runtime_env(d):
+    d["spec"]["runtimeEnvYAML"] += "env_vars: {AWS_SECRET_ACCESS_KEY: hunter2}\n"
+
+
+OUT = "s3://YOUR_BUCKET/merged/tsv_m-4-tasks"
+
+
 BROKEN = [
     ("RayCluster", "raycluster.yaml", _drop_gpu_limit, "nvidia.com/gpu >= 1"),
     ("RayCluster", "raycluster.yaml", _gpu_on_head, "head asks for a GPU"),
@@ -686,19 +762,75 @@ BROKEN = [
      "v1.6 CRD"),
     ("RayCronJob", "nightly-raycronjob.yaml", _set("spec.jobTemplate.activeDeadlineSeconds", None),
      "activeDeadline"),
+    # The object-store variant: the checks of the shared one still apply ...
+    ("RayCluster", "raycluster-objectstore.yaml", _drop_gpu_limit, "nvidia.com/gpu >= 1"),
+    ("RayCluster", "raycluster-objectstore.yaml", _gpu_on_head, "head asks for a GPU"),
+    ("RayCluster", "raycluster-objectstore.yaml", _set("spec.authOptions", None), "authOptions"),
+    ("RayCluster", "raycluster-objectstore.yaml", _literal_token_on_worker,
+     "RAY_AUTH_TOKEN does not come"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _no_auth_mode_on_submitter,
+     "submitter: RAY_AUTH_MODE"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _set("spec.shutdownAfterJobFinishes", None),
+     "shutdownAfterJobFinishes"),
+    # ... and its own: no PVC or shared volume ...
+    ("RayCluster", "raycluster-objectstore.yaml", _pvc_on_worker, "volume 'shared' is "
+     "persistentVolumeClaim"),
+    ("RayCluster", "raycluster-objectstore.yaml", _pvc_on_worker,
+     "persistentVolumeClaim: a PVC in the object-store variant"),
+    ("RayCluster", "raycluster-objectstore.yaml", _host_path_on_head, "only pod-local emptyDir"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _pvc_on_worker, "mounts /mnt/shared"),
+    ("RayJob", "rayjob-merge-objectstore.yaml",
+     _edit_entrypoint("--resume", "--resume --cache /mnt/shared/suite-cache"),
+     "names /mnt/shared, which this variant does not have"),
+    ("RayJob", "rayjob-merge-objectstore.yaml",
+     _set("spec.submitterPodTemplate.spec.volumes", [{"name": "shared", "nfs": {
+         "server": "nfs.example", "path": "/export"}}]), "submitter: volume 'shared' is nfs"),
+    # ... the store's credentials from the Secret, on every Ray pod, never in the open ...
+    ("RayCluster", "raycluster-objectstore.yaml", _literal_store_secret_on_worker,
+     "AWS_SECRET_ACCESS_KEY does not come from secret merge-object-store"),
+    ("RayCluster", "raycluster-objectstore.yaml", _literal_store_secret_on_worker,
+     "AWS_SECRET_ACCESS_KEY is a literal"),
+    ("RayCluster", "raycluster-objectstore.yaml", _no_store_key_on_head,
+     "head: AWS_ACCESS_KEY_ID does not come"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _store_key_from_other_secret,
+     "AWS_ACCESS_KEY_ID does not come from secret"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _store_key_optional, "not optional"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _credentials_in_runtime_env,
+     "env_vars carry ['AWS_SECRET_ACCESS_KEY']"),
+    # ... and every location in the entrypoint on the store.
+    ("RayJob", "rayjob-merge-objectstore.yaml", _edit_entrypoint(OUT, "/tmp/merged"),
+     "--out /tmp/merged is not an object-store URI"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _edit_entrypoint(OUT, "merged"),
+     "--out merged is not an object-store URI"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _edit_entrypoint(OUT, "file:///tmp/merged"),
+     "--out file:///tmp/merged is not"),
+    ("RayJob", "rayjob-merge-objectstore.yaml", _edit_entrypoint(OUT, OUT + "?region=eu-west-1"),
+     "no query string"),
+    ("RayJob", "rayjob-merge-objectstore.yaml",
+     _edit_entrypoint("s3://YOUR_BUCKET/merge-history", "/mnt/shared/merge-history"),
+     "--history /mnt/shared/merge-history is not an object-store URI"),
+    ("RayJob", "rayjob-merge-objectstore.yaml",
+     _edit_entrypoint("s3://YOUR_BUCKET/checkpoints/task-3", "/data/task-3"),
+     "--finetuned /data/task-3 is not"),
+    ("RayJob", "rayjob-merge-objectstore.yaml",
+     _edit_entrypoint("--assembly workers", "--config /mnt/shared/configs/merge.yaml"),
+     "not a file of the repo"),
 ]
 
 
 @pytest.mark.parametrize("kind,name,mutate,expected", BROKEN,
                          ids=[f"{k}-{e}" for k, _, _, e in BROKEN])
 def test_a_broken_copy_is_reported(kind, name, mutate, expected):
-    doc = the(kind, name)
+    doc, storage = the(kind, name), storage_of(Path(name))
     checker = {"RayCluster": problems_in_raycluster, "RayJob": problems_in_rayjob,
                "RayCronJob": problems_in_raycronjob}[kind]
-    assert checker(doc) == []
+
+    def problems():
+        found = checker(doc, storage)
+        return found + (problems_in_object_store_doc(doc) if storage == "object-store" else [])
+    assert problems() == []
     mutate(doc)
-    problems = checker(doc)
-    assert any(expected in p for p in problems), problems
+    assert any(expected in p for p in problems()), problems()
 
 
 def _in(kind, mutate):
@@ -733,6 +865,15 @@ def test_a_broken_cronjob_is_reported(mutate, expected):
     assert any(expected in p for p in problems), problems
 
 
+def test_a_claim_anywhere_in_an_object_store_file_is_reported():
+    assert problems_in_object_store_doc(the("RayJob", "rayjob-merge-objectstore.yaml")) == []
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"}}
+    assert any("a PersistentVolumeClaim" in p for p in problems_in_object_store_doc(claim))
+    template = {"kind": "RayCluster", "spec": {"volumes": [
+        {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}}
+    assert any("volumeClaimTemplate: a PVC" in p for p in problems_in_object_store_doc(template))
+
+
 @pytest.mark.parametrize("entrypoint,expected", [
     ("python ray_jobs/no_such_job.py --config cluster/merge-cluster.yaml", "does not exist"),
     ("python ray_jobs/merge.py --config cluster/no-such.yaml", "does not exist"),
@@ -743,6 +884,51 @@ def test_a_broken_entrypoint_is_reported(entrypoint, expected):
     fine = "python ray_jobs/merge.py --config /mnt/shared/configs/m.yaml"
     assert problems_in_entrypoint(fine) == []
     assert any(expected in p for p in problems_in_entrypoint(entrypoint))
+
+
+FLAGS_MERGE = ("python ray_jobs/merge.py --base s3://b/base --finetuned s3://b/t1 s3://b/t2 "
+               "--method tsv_m --alpha 1 --out s3://b/merged")
+
+
+@pytest.mark.parametrize("entrypoint,expected", [
+    (FLAGS_MERGE + " --no-such-flag", "unrecognized arguments: --no-such-flag"),
+    (FLAGS_MERGE + " --assembly everywhere", "--assembly = 'everywhere': must be"),
+    (FLAGS_MERGE.replace("--out s3://b/merged", ""), "not a valid merge"),
+    (FLAGS_MERGE.replace("tsv_m", "no_such_method"), "unknown method 'no_such_method'"),
+    ("python ray_jobs/nightly.py --config cluster/nightly.yaml --reports s3://b/r.html",
+     "unrecognized arguments"),
+    ("python ray_jobs/evaluate.py bench --suite standard --out s3://b/x --no-such-flag",
+     "unrecognized arguments: --no-such-flag"),
+    ("python ray_jobs/unknown.py", "no known ray_jobs script"),
+])
+def test_a_broken_argument_list_is_reported(entrypoint, expected):
+    for fine in (FLAGS_MERGE, "python ray_jobs/nightly.py --config cluster/nightly.yaml",
+                 "python ray_jobs/evaluate.py bench --suite standard --out s3://b/bench"):
+        assert problems_in_arguments(fine) == [], fine
+    problems = problems_in_arguments(entrypoint)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("entrypoint,expected", [
+    (FLAGS_MERGE + " --history /var/merge-history", "--history /var/merge-history is not"),
+    (FLAGS_MERGE.replace("s3://b/t2", "gs://"), "--finetuned gs:// is not"),
+    (FLAGS_MERGE.replace("s3://b/merged", "s3://b"), "--out s3://b is not"),
+    (FLAGS_MERGE.replace("s3://b/merged", "s3://b/merged#x"), "no query string"),
+    ("python ray_jobs/nightly.py --config cluster/nightly.yaml --history s3://b/h "
+     "--report s3://b/r.html", "cluster/nightly.yaml: work_dir /mnt/shared/nightly is not"),
+    ("python ray_jobs/nightly.py --config cluster/nightly.yaml --history s3://b/h "
+     "--report s3://b/r.html --work-dir s3://b/w", "cache /mnt/shared/suite-cache is not"),
+    ("python ray_jobs/nightly.py --history s3://b/h --report /tmp/r.html", "--report /tmp/r.html"),
+    ("python ray_jobs/merge.py --config /etc/merge.yaml", "not a file of the repo"),
+    (FLAGS_MERGE + " --suites /data/suite", "--suites /data/suite: a local path"),
+])
+def test_a_broken_object_store_entrypoint_is_reported(entrypoint, expected):
+    assert problems_in_object_store_entrypoint(FLAGS_MERGE + " --history s3://b/h") == []
+    assert problems_in_object_store_entrypoint(
+        "python ray_jobs/nightly.py --history s3://b/h --report s3://b/r.html "
+        "--work-dir s3://b/w --cache gs://c/suites") == []
+    problems = problems_in_object_store_entrypoint(entrypoint)
+    assert any(expected in p for p in problems), problems
 
 
 @pytest.mark.parametrize("mutate,expected", [

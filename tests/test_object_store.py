@@ -197,3 +197,22 @@ def test_the_suite_cache_can_live_on_the_store(tiny_suite, s3_prefix, tmp_path, 
     for name in storage.list_files(path):
         assert open(os.path.join(fetched, name), "rb").read() == open(
             os.path.join(path, name), "rb").read()
+
+
+def test_a_nightly_with_every_output_on_the_store(tiny_suite, s3_prefix):
+    """History, report, work directory (bench results, task vectors) all on the store: what a
+    cluster without a shared volume runs."""
+    from pipeline.history.nightly import NightlyConfig, run_nightly
+    from pipeline.history.store import read_history
+    config = NightlyConfig(history=f"{s3_prefix}/history", report=f"{s3_prefix}/report.html",
+                           work_dir=f"{s3_prefix}/work", suites=[tiny_suite[0]],
+                           task_counts=[2], methods=["task_arithmetic"], engine="local",
+                           keep_task_vectors=True)
+    result = run_nightly(config, log=lambda *_: None)
+    assert result.exit_code == 0 and result.failures == []
+    assert read_history(config.history).num_rows > 0
+    assert b"<html" in storage.read_bytes(config.report).lower()
+    cell = result.cells[0]["out"]
+    assert cell.startswith(f"{s3_prefix}/work/") and storage.exists(f"{cell}/summary.json")
+    assert main(["verify", f"{cell}/task_vectors/task_arithmetic"]) == 0
+    assert storage.exists(f"{s3_prefix}/work/{result.run_id}/nightly.json")

@@ -162,7 +162,7 @@ def _prepare(config: MergeConfig, executor, hidden: HiddenPath | None = None) ->
     alpha = method.alpha_for(len(config.finetuned), config.alpha) if mode == "model" else 1.0
     sources = [config.base, *config.finetuned]
     _check_distinct_locations(sources)
-    prepare_output(config.out, config.overwrite, sources)
+    final = prepare_output(config.out, config.overwrite, sources)
     with clock("validate_and_plan"):
         base, tuned, specs, input_dtypes = _open_inputs(config)
         files = plan_files(specs, method, len(tuned), mode=mode,
@@ -176,8 +176,7 @@ def _prepare(config: MergeConfig, executor, hidden: HiddenPath | None = None) ->
     assembly = "workers"  # in-process, the driver is the worker
     if executor.info()["kind"] == "ray":
         with clock("probe_nodes"):
-            assembly = check_nodes(executor, prepare_output(config.out, config.overwrite),
-                                   [f for c in [base, *tuned] for f in c.files],
+            assembly = check_nodes(executor, final, [f for c in [base, *tuned] for f in c.files],
                                    executor.device, config.assembly, hidden)
     settings = MergeSettings(method=method.name, params=params, alpha=alpha, mode=mode,
                              exclude=tuple(config.exclude),
