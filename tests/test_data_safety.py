@@ -483,3 +483,20 @@ def test_the_report_is_a_typed_record_that_round_trips(merged):
     report = MergeReport.from_json(text)
     assert report.to_json() == text
     assert report.engine.kind == "local" and report.outputs and report.metadata_files
+
+
+def test_a_repeated_list_flag_adds_and_a_repeated_single_flag_is_refused(inputs, capsys):
+    """`--finetuned a --finetuned b` means both tasks (argparse alone would keep only b and
+    merge one task silently); `--out a --out b` is ambiguous and refused."""
+    tmp, base, tasks = inputs
+    code, err, _ = _merge(capsys, "--base", base, "--finetuned", tasks[0], "--finetuned",
+                          *tasks[1:], "--method", "task_arithmetic", "--alpha", "0.5",
+                          "--out", str(tmp / "out"))
+    assert code == 0, err
+    report = json.loads((tmp / "out" / "merge_report.json").read_text())
+    assert report["num_tasks"] == len(tasks)
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit: usage, then the error
+        _merge(capsys, *_argv(base, tasks, tmp / "a"), "--out", str(tmp / "b"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "--out: given twice" in err
+    assert not (tmp / "a").exists() and not (tmp / "b").exists()

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     expand.add_argument("--task", type=int, required=True, metavar="T",
                         help="task index, from 0 [required]")
     expand.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory (a local path or file:// URI) [required]")
+                        help="output directory: a local path or a pyarrow.fs URI "
+                             "(s3://bucket/prefix, file://) [required]")
     expand.add_argument("--overwrite", action="store_true",
                         help=MergeConfig.model_fields["overwrite"].description)
     expand.set_defaults(func=cmd_expand)

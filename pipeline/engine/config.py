@@ -309,9 +309,23 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel] = MergeC
         elif kind == "dict":
             group.add_argument(flag, dest=name, action="append", default=None, metavar=metavar,
                                help=help_text)
+        elif kind == "list":  # `--finetuned a b --finetuned c` means all three
+            group.add_argument(flag, dest=name, metavar=metavar, default=None, help=help_text,
+                               nargs="+", action="extend")
         else:
             group.add_argument(flag, dest=name, metavar=metavar, default=None, help=help_text,
-                               nargs="+" if kind == "list" else None)
+                               action=_StoreOnce)
+
+
+class _StoreOnce(argparse.Action):
+    """A single-valued flag given twice (`--out a --out b`) is a mistake to point out, not a
+    silent 'the last one wins'."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        if previous is not None and previous != values:
+            raise argparse.ArgumentError(self, f"given twice ({previous!r} and {values!r})")
+        setattr(namespace, self.dest, values)
 
 
 def load_merge_config(config_path: str | None, flags: Mapping[str, Any]) -> MergeConfig:
