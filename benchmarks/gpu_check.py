@@ -16,10 +16,11 @@ Steps:
    gpus_per_task=1: the GPU scheduling path), compute dtype float32 and float64, task vectors
    in the compute dtype. Per run: wall time, time in decompositions, bytes read, the CUDA
    allocator's peak over shards, and the max over keys of ||merged - reference||_F /
-   ||reference||_F. The Ray cluster is restarted after every run so that each run's peak is its
-   own (workers are reused and the allocator's peak is per process).
-4. `merge-pipeline bench --suite tiny --device cuda` in a subprocess (GPU merges, then GPU
-   evaluation actors); it must finish and its evaluators must have run on the GPU.
+   ||reference||_F. On a GPU the Ray cluster is restarted after every run, so that each
+   run's peak is its own (Ray reuses worker processes; the allocator's peak is per process).
+4. The tiny bench, `merge-pipeline bench --suite tiny --engine ray --device cuda`, through its
+   Python API (GPU merges, then GPU evaluation actors; log in bench.log): it must finish and
+   its evaluators must have run on the GPU.
 
 Exit status: 0 all passed; 1 a step failed or an error is over its tolerance (1e-4 for
 float32, 1e-10 for float64); 2 no CUDA device (without --dry-run-cpu).
@@ -35,7 +36,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -67,7 +67,6 @@ METHODS = ("iso_cts", "tsv_m")
 COMPUTE_DTYPES = ("float32", "float64")
 TOLERANCES = {"float32": 1e-4, "float64": 1e-10}
 BUDGET_S = 480.0  # the goal on one GPU: under 8 minutes, example writing included
-BENCH_TIMEOUT_S = 300
 SEED = 0
 _LAYER = re.compile(r"\.(?:layers|resblocks)\.(\d+)\.")
 
@@ -100,8 +99,8 @@ class Row:
         return {"step": self.step, "method": self.method, "device": self.device,
                 "compute": self.compute, "wall s": num(self.wall_s, ".1f"),
                 "Ray start s": num(self.ray_start_s, ".1f"), "SVD s": num(self.svd_s, ".2f"),
-                "GB read": num(self.read_GB, ".2f"),
-                "peak GPU GiB": num(self.peak_gpu_GiB, ".2f"),
+                "GB read": num(self.read_GB, ".3g"),
+                "peak GPU GiB": num(self.peak_gpu_GiB, ".3g"),
                 "max rel err": num(self.max_rel_err, ".2e"),
                 "tolerance": num(self.tolerance, ".0e"), "status": self.status}
 
@@ -141,7 +140,8 @@ def ensure_example(root: str, shape: VitShape, num_tasks: int) -> tuple[str, lis
         write_example(root, shape, num_tasks, seed=SEED)
     else:
         threads = max(1, cpus // processes)
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=spawn) as pool:
             for future in [pool.submit(_write_task, root, shape, i, threads) for i in missing]:
                 future.result()
         for directory in tuned:
@@ -174,8 +174,9 @@ def restrict(paths: list[str], layers: set[int], root: str) -> list[str]:
 
 # -- 2./3. merges ------------------------------------------------------------------------------
 def merge(base: str, tuned: list[str], method: str, out: str, device: str,
-          compute: str) -> tuple[MergeReport, float]:
-    """One merge of the task vector on an embedded Ray cluster, stopped afterwards."""
+          compute: str, restart: bool) -> tuple[MergeReport, float]:
+    """One merge of the task vector on the embedded Ray cluster (started when none is);
+    `restart` stops the cluster afterwards, so the next run's workers are fresh processes."""
     config = MergeConfig(base=base, finetuned=tuned, method=method, out=out, overwrite=True,
                          engine="ray", device=device, compute_dtype=compute, threads=1,
                          output="task_vector", scan_inputs=False)
@@ -183,7 +184,8 @@ def merge(base: str, tuned: list[str], method: str, out: str, device: str,
     try:
         report = run_merge(config)
     finally:
-        shutdown_started()
+        if restart:
+            shutdown_started()
     return report, time.perf_counter() - t0
 
 
@@ -225,36 +227,25 @@ def max_relative_error(got_dir: str, ref_dir: str, all_keys: set[str]) -> tuple[
 
 
 # -- 4. the tiny bench -------------------------------------------------------------------------
-def tiny_bench(work: str, device: str, extra: list[str]) -> Row:
-    out, log_path = os.path.join(work, "bench"), os.path.join(work, "bench.log")
-    cmd = [sys.executable, "-m", "pipeline", "bench", "--suite", "tiny", "--engine", "ray",
-           "--device", device, "--out", out, "--cache", os.path.join(work, "cache"),
-           "--overwrite", *extra]
-    row = Row(step="tiny bench", method="all" if not extra else "subset", device=device,
-              details={"command": " ".join(cmd[1:]), "log": log_path})
-    env = {**os.environ, "MERGE_PIPELINE_PROGRESS": "0"}
+def tiny_bench(work: str, device: str, tasks: int | None, methods: tuple[str, ...]) -> Row:
+    """`merge-pipeline bench --suite tiny --engine ray --device DEVICE` through its Python API
+    (`run_bench`, what the CLI calls), on the embedded cluster if one is up."""
+    from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, run_bench
+    log_path = os.path.join(work, "bench.log")
+    options = BenchOptions(suite="tiny", tasks=tasks, methods=methods or DEFAULT_METHODS,
+                           out=os.path.join(work, "bench"), engine="ray", device=device,
+                           cache=os.path.join(work, "cache"), overwrite=True)
+    row = Row(step="tiny bench", device=device, details={"log": log_path})
     t0 = time.perf_counter()
-    try:
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=BENCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        row.wall_s, row.status = time.perf_counter() - t0, f"FAILED: over {BENCH_TIMEOUT_S} s"
-        return row
+    with open(log_path, "w") as log:
+        summary = run_bench(options, log=lambda line: print(line, file=log, flush=True))
     row.wall_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        with open(log_path) as log:
-            last = [line.strip() for line in log if line.strip()][-1:] or [""]
-        row.status = f"FAILED: exit {proc.returncode} ({last[0][:160]}; see {log_path})"
-        return row
-    with open(os.path.join(out, "summary.json")) as f:
-        summary = json.load(f)
-    evaluation = summary.get("evaluation", {})
-    row.details.update(evaluation=evaluation, timings_s=summary.get("timings_s"),
-                       tasks=summary.get("tasks"), methods=list(summary.get("merges", {})))
-    row.method = f"{len(summary.get('merges', {}))} methods, T={summary.get('num_tasks')}"
-    if evaluation.get("device") != device:
-        row.status = f"FAILED: evaluators ran on {evaluation.get('device')!r}, not {device!r}"
+    row.method = f"{len(summary.merges)} methods, T={summary.num_tasks}"
+    row.details.update(evaluation=summary.evaluation, timings_s=summary.timings_s,
+                       tasks=summary.tasks, normalized={m: round(r.normalized, 4)
+                                                        for m, r in summary.rows.items()})
+    if summary.evaluation.get("device") != device:
+        row.status = f"FAILED: evaluators ran on {summary.evaluation.get('device')!r}"
     return row
 
 
@@ -265,7 +256,8 @@ def parse_layers(text: str, shape: VitShape) -> set[int] | None:
     layers = {int(x) for x in text.split(",") if x.strip()}
     bad = sorted(i for i in layers if not 0 <= i < shape.layers)
     if bad or not layers:
-        raise SystemExit(f"gpu-check: --reference-layers {text!r}: layers are 0..{shape.layers - 1}")
+        raise SystemExit(f"gpu-check: --reference-layers {text!r}: layers are "
+                         f"0..{shape.layers - 1}")
     return layers
 
 
@@ -301,13 +293,17 @@ def run_check(args: argparse.Namespace) -> tuple[list[Row], dict]:
         ref_base, *ref_tuned = restrict([base, *tuned], layers,
                                         os.path.join(work, "examples",
                                                      f"{args.shape}-T{args.tasks}-layers-{tag}"))
-    facts["reference_keys"] = "all" if layers is None else f"non-layer keys + layers {sorted(layers)}"
+    facts["reference_keys"] = ("all" if layers is None else
+                               f"non-layer keys + layers {sorted(layers)}")
+    # On a GPU every run gets a fresh cluster: Ray reuses worker processes, and the CUDA
+    # allocator's peak is per process. On CPU (the dry run) one cluster serves every step.
+    restart = device == "cuda"
     rows: list[Row] = []
     references: dict[str, str] = {}
     for method in METHODS:
         out = os.path.join(work, "reference", method)
         try:
-            report, wall = merge(ref_base, ref_tuned, method, out, "cpu", "float64")
+            report, wall = merge(ref_base, ref_tuned, method, out, "cpu", "float64", restart)
             rows.append(merge_row("reference", report, wall, "cpu", "float64"))
             references[method] = out
         except Exception as exc:  # noqa: BLE001 - reported in the table, the check goes on
@@ -321,7 +317,7 @@ def run_check(args: argparse.Namespace) -> tuple[list[Row], dict]:
             row = Row(step="merge", method=method, device=device, compute=compute,
                       tolerance=args.tolerance[compute])
             try:
-                report, wall = merge(base, tuned, method, out, device, compute)
+                report, wall = merge(base, tuned, method, out, device, compute, restart)
                 row = merge_row("merge", report, wall, device, compute)
                 row.tolerance = args.tolerance[compute]
                 if method not in references:
@@ -338,12 +334,14 @@ def run_check(args: argparse.Namespace) -> tuple[list[Row], dict]:
                 shutil.rmtree(out, ignore_errors=True)  # up to 2.4 GB each
             rows.append(row)
             print(f"  {row.cells()}", flush=True)
-    bench_extra = ["--tasks", "2", "--methods", ",".join(METHODS)] if args.dry_run_cpu else []
     try:
-        rows.append(tiny_bench(work, device, bench_extra))
+        rows.append(tiny_bench(work, device, 2 if args.dry_run_cpu else None,
+                               METHODS if args.dry_run_cpu else ()))
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         rows.append(Row(step="tiny bench", device=device, status=f"FAILED: {one_line(exc)}"))
+    finally:
+        shutdown_started()
     print(f"  {rows[-1].cells()}", flush=True)
     facts["total_s"] = round(time.perf_counter() - t0, 1)
     return rows, facts

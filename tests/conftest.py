@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -31,6 +32,26 @@ def s3_prefix(s3_server, request):
     """A fresh prefix in the test bucket for one test."""
     import uuid
     return f"{s3_server}/{request.node.name[:40].replace('[', '-').strip(']')}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def ray_nodes(*nodes: dict, head: dict | None = None):
+    """Several Ray nodes on this machine (`ray.cluster_utils.Cluster`): a head that runs no work
+    unless `head` says otherwise, and one node per `nodes` entry (its resources); yields the
+    cluster and the added nodes. The session's embedded Ray is shut down first (the
+    `ray_cluster` fixture starts it again when a later test needs it)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=head or {"num_cpus": 0})
+    try:
+        added = [cluster.add_node(**resources) for resources in nodes]
+        cluster.wait_for_nodes()
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

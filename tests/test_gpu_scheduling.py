@@ -9,6 +9,8 @@ from collections import Counter
 
 import pytest
 
+from conftest import ray_nodes
+
 from pipeline.cli.main import main
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import run_merge
@@ -23,16 +25,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gpu_cluster():
     """One node with 8 logical CPUs and 2 declared GPUs (there is no CUDA behind them)."""
-    import ray
-    from ray.cluster_utils import Cluster
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes.add_node(num_cpus=8, num_gpus=2)
-    nodes.wait_for_nodes()
-    yield nodes
-    ray.shutdown()
-    nodes.shutdown()
+    with ray_nodes({"num_cpus": 8, "num_gpus": 2}) as (nodes, _):
+        yield nodes
 
 
 def _occupancy(executor: RayExecutor, tasks: int) -> tuple[int, Counter]:
@@ -121,19 +115,13 @@ def test_device_cuda_without_cuda_is_one_line_in_process(tiny_example, tmp_path,
                  str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no CUDA device" in err, err
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="--device cuda"):
         LocalExecutor("cuda")
+    with pytest.raises(InputError, match="--device cuda"):  # in-process evaluation alike
+        pool_module.EvaluationPool("unused", {}, engine="local", device="cuda")
 
 
 def test_device_cuda_on_a_cluster_without_gpus_is_refused(tiny_example, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        with pytest.raises(InputError, match="has no GPUs"):
-            RayExecutor(address=nodes.address, device="cuda")
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
+    with ray_nodes(head={"num_cpus": 1}) as (nodes, _), \
+            pytest.raises(InputError, match="has no GPUs"):
+        RayExecutor(address=nodes.address, device="cuda")

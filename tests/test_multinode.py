@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from conftest import ray_nodes
+
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import run_merge
 from pipeline.engine.probe import HiddenPath
@@ -25,16 +27,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     """A head that runs no work and two worker nodes of one CPU each."""
-    import ray
-    from ray.cluster_utils import Cluster
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
-    nodes.wait_for_nodes()
-    yield nodes, workers
-    ray.shutdown()
-    nodes.shutdown()
+    with ray_nodes({"num_cpus": 1}, {"num_cpus": 1}) as nodes:
+        yield nodes
 
 
 def output_bytes(directory) -> dict[str, bytes]:
@@ -76,6 +70,14 @@ def test_a_node_without_the_output_makes_the_driver_assemble(cluster, tiny_examp
     assert report.engine.assembly == "driver"
     assert report.engine.object_store_bytes > 0
     assert len({s.node_id for s in report.engine.shards}) == 2
+    assert output_bytes(tmp_path / "out") == expected
+
+
+def test_driver_assembly_when_asked_even_where_workers_could_write(cluster, tiny_example,
+                                                                   expected, tmp_path):
+    report = run_merge(config(tiny_example, tmp_path / "out", assembly="driver"),
+                       executor=on(cluster))
+    assert report.engine.assembly == "driver" and report.engine.object_store_bytes > 0
     assert output_bytes(tmp_path / "out") == expected
 
 

@@ -106,6 +106,8 @@ def check_nodes(executor, out: str, inputs: list[str], device: str, assembly: st
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
+    if assembly == "driver":
+        return "driver"
     if not blind:
         return "workers"
     if assembly == "workers":

@@ -36,8 +36,14 @@ def progress(total: int, desc: str) -> tqdm:
 RESIZE_EVERY_S = 5.0
 
 
-def choose_device(device: str, gpu_available: bool) -> str:
-    """"cuda" when asked for, or on "auto" where a GPU is there; else "cpu"."""
+NO_LOCAL_CUDA = "this machine has no CUDA device that torch can use"
+
+
+def choose_device(device: str, gpu_available: bool, missing: str = NO_LOCAL_CUDA) -> str:
+    """"cuda" when asked for, or on "auto" where a GPU is there; else "cpu". Asking for cuda
+    where there is none is the user's mistake, said in one line (`missing` says where)."""
+    if device == "cuda" and not gpu_available:
+        raise InputError(f"--device cuda: {missing}")
     return "cuda" if device == "cuda" or (device == "auto" and gpu_available) else "cpu"
 
 
@@ -59,9 +65,6 @@ class LocalExecutor:
 
     def __init__(self, device: str = "auto"):
         import torch
-        if device == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device cuda: this machine has no CUDA device that torch can "
-                             "use (torch.cuda.is_available() is False)")
         self.device = choose_device(device, torch.cuda.is_available())
 
     def imap(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = ""
@@ -173,11 +176,9 @@ def ray_slots(device: str, threads: int, gpu_share: float) -> tuple[str, int]:
     import ray
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
-    chosen = choose_device(device, gpus > 0)
+    chosen = choose_device(device, gpus > 0, f"the Ray cluster has no GPUs (its resources: "
+                                             f"{int(resources.get('CPU', 0))} CPUs, 0 GPUs)")
     if chosen == "cuda":
-        if not gpus:
-            raise InputError("--device cuda: the Ray cluster has no GPUs (its resources: "
-                             f"{int(resources.get('CPU', 0))} CPUs, 0 GPUs)")
         return chosen, int(gpus / gpu_share)
     return chosen, int(resources.get("CPU", 1) // threads)
 
