@@ -126,8 +126,8 @@ def _write_task(root: str, shape: VitShape, index: int, threads: int) -> None:
 
 
 def ensure_example(root: str, shape: VitShape, num_tasks: int) -> tuple[str, list[str], bool]:
-    """(base, fine-tuned, reused): the example, written by parallel processes when the host
-    has the cores (one checkpoint per process; ViT-L takes ~25 s of CPU per checkpoint)."""
+    """(base, fine-tuned, reused): the example, one checkpoint per process in parallel as far
+    as cores and memory allow (a ViT-L checkpoint takes ~15 s of one core and ~3.1 GB)."""
     base = os.path.join(root, "base")
     tuned = [os.path.join(root, f"task{i:02d}") for i in range(1, num_tasks + 1)]
     missing = [i for i, d in enumerate([base, *tuned])
@@ -135,7 +135,10 @@ def ensure_example(root: str, shape: VitShape, num_tasks: int) -> tuple[str, lis
     if not missing:
         return base, tuned, True
     cpus = usable_cpus()
-    processes = max(1, min(len(missing), cpus // 2))
+    checkpoint_bytes = 4 * sum(math.prod(s) for s in vit_shapes(shape).values())
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # A process peaks at ~2.6 checkpoints (base, fine-tuned, the tensor being written).
+    processes = max(1, min(len(missing), cpus, available // (3 * checkpoint_bytes)))
     if processes == 1:
         write_example(root, shape, num_tasks, seed=SEED)
     else:
