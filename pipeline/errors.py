@@ -29,5 +29,9 @@ class OutputError(PipelineError):
     """Writing the output failed (full disk, permissions); nothing was left at the destination."""
 
 
+class UnverifiedOutputError(OutputError):
+    """A written file is missing or differs from what its writer reported: never committed."""
+
+
 class TransientError(PipelineError):
     """A failure worth retrying (flaky storage, an injected fault in tests)."""

@@ -1,6 +1,6 @@
 """Several Ray nodes on this machine (`ray.cluster_utils.Cluster`): shards spread over nodes
-and give the in-process bytes; a node that does not share the output makes `auto` assemble on
-the driver and `workers` refuse; an input a node cannot read, and a file a worker wrote where
+and give the in-process bytes in either assembly; a node that does not share the output makes
+`auto` assemble on the driver and `workers` refuse; an input a node cannot read, and a file a worker wrote where
 the driver cannot see it, stop the merge before anything is committed; a node killed
 mid-merge is survived."""
 
@@ -19,6 +19,7 @@ from pipeline.engine.driver import run_merge
 from pipeline.engine.probe import HiddenPath
 from pipeline.engine.worker import Fault
 from pipeline.errors import InputError, OutputError
+from pipeline.io import storage
 from pipeline.runtime.executors import RayExecutor
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,11 @@ def cluster():
     """A head that runs no work and two worker nodes of one CPU each."""
     with ray_nodes({"num_cpus": 1}, {"num_cpus": 1}) as nodes:
         yield nodes
+
+
+def s3_bytes(prefix: str) -> dict[str, bytes]:
+    return {name: storage.read_bytes(f"{prefix}/{name}") for name in storage.list_names(prefix)
+            if name != "merge_report.json"}
 
 
 def output_bytes(directory) -> dict[str, bytes]:
@@ -55,30 +61,39 @@ def on(cluster) -> RayExecutor:
 
 def test_shards_spread_over_nodes_and_match_in_process(cluster, tiny_example, expected,
                                                        tmp_path):
+    for assembly in ("workers", "driver"):
+        out = tmp_path / assembly
+        report = run_merge(config(tiny_example, out, assembly=assembly), executor=on(cluster))
+        assert report.engine.assembly == assembly
+        assert {s.node_id for s in report.engine.shards} == {w.node_id for w in cluster[1]}
+        assert output_bytes(out) == expected
+
+
+def test_auto_assembles_a_local_output_on_the_driver(cluster, tiny_example, expected,
+                                                    tmp_path):
     report = run_merge(config(tiny_example, tmp_path / "out"), executor=on(cluster))
-    worker_ids = {w.node_id for w in cluster[1]}
-    assert report.engine.assembly == "workers"  # one machine: every node sees --out
-    assert {s.node_id for s in report.engine.shards} == worker_ids
-    assert output_bytes(tmp_path / "out") == expected
-
-
-def test_a_node_without_the_output_makes_the_driver_assemble(cluster, tiny_example, expected,
-                                                             tmp_path):
-    hidden = HiddenPath(cluster[1][0].node_id, str(tmp_path))
-    report = run_merge(config(tiny_example, tmp_path / "out"), executor=on(cluster),
-                       hidden=hidden)
     assert report.engine.assembly == "driver"
-    assert report.engine.object_store_bytes > 0
-    assert len({s.node_id for s in report.engine.shards}) == 2
+    assert report.engine.object_store_bytes == sum(f.size for f in report.outputs) - sum(
+        8 + int.from_bytes(expected[f.name][:8], "little") for f in report.outputs)
     assert output_bytes(tmp_path / "out") == expected
 
 
-def test_driver_assembly_when_asked_even_where_workers_could_write(cluster, tiny_example,
-                                                                   expected, tmp_path):
-    report = run_merge(config(tiny_example, tmp_path / "out", assembly="driver"),
-                       executor=on(cluster))
+def test_workers_upload_to_a_store_every_node_reaches(cluster, tiny_example, expected,
+                                                      s3_prefix):
+    report = run_merge(config(tiny_example, f"{s3_prefix}/out"), executor=on(cluster))
+    assert report.engine.assembly == "workers" and report.engine.object_store_bytes == 0
+    assert s3_bytes(f"{s3_prefix}/out") == expected
+
+
+def test_a_node_without_the_store_makes_the_driver_assemble(cluster, tiny_example, expected,
+                                                            s3_prefix):
+    """A node without the store's credentials or network path: it cannot read the driver's
+    probe, so `auto` has the driver upload what the workers return."""
+    report = run_merge(config(tiny_example, f"{s3_prefix}/out"), executor=on(cluster),
+                       hidden=HiddenPath(cluster[1][0].node_id, s3_prefix))
     assert report.engine.assembly == "driver" and report.engine.object_store_bytes > 0
-    assert output_bytes(tmp_path / "out") == expected
+    assert len({s.node_id for s in report.engine.shards}) == 2
+    assert s3_bytes(f"{s3_prefix}/out") == expected
 
 
 def test_workers_assembly_is_refused_naming_the_node(cluster, tiny_example, tmp_path):

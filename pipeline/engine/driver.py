@@ -65,7 +65,7 @@ from pipeline.engine.worker import (
     run_shard,
     shard_statistics,
 )
-from pipeline.errors import InputError, OutputError, PipelineError
+from pipeline.errors import InputError, OutputError, PipelineError, UnverifiedOutputError
 from pipeline.io import StagedOutput, check_compatible, open_checkpoint, open_staged_output
 from pipeline.io.output import (
     REPORT_NAME,
@@ -121,10 +121,8 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None,
                          out.path if run.assembly == "workers" else None,
                          run.executor.workers)
         statistics = _model_statistics(run.executor, plan, run.clock)
-        with run.clock("merge"):
+        with run.clock("merge"):  # each shard's files are read back as soon as it is done
             shards, manifests = _run_shards(run.executor, plan, statistics, fault, out)
-        with run.clock("read_back"):  # reused files were hashed by _verified_files just now
-            _read_back(out, manifests)
         fresh = [f for m in manifests for f in m.files]
         written = _write_index(out, run.settings.mode, run.files, fresh + list(reused.values()))
         metadata_files = _write_metadata(out, run, config)
@@ -341,9 +339,13 @@ def _run_shards(executor, plan: ShardPlan, statistics: dict[str, Any], fault: Fa
     try:
         for i, result in executor.imap(run_shard, [(job,) for job in jobs],
                                        desc=f"merge {plan.settings.method}"):
-            manifests[i] = _assemble(out, shards[i], result)
+            manifest = manifests[i] = _assemble(out, shards[i], result)
             del result  # a returned shard's tensors: freed before the next one arrives
-    except OutputError as exc:
+            # While the other shards compute: the driver is idle, the files are fresh in cache.
+            _read_back(out, manifest)
+    except UnverifiedOutputError:
+        raise
+    except OutputError as exc:  # a failed write: say what the whole output needs
         raise OutputError(f"{exc}; the whole output needs "
                           f"{sum(f.nbytes for f in plan.files)} bytes") from exc
     return shards, [m for m in manifests if m is not None]
@@ -463,24 +465,25 @@ def _check_distinct(described: list[dict[str, Any]]) -> None:
         fingerprints[fingerprint] = ckpt["location"]
 
 
-def _read_back(out: StagedOutput, manifests: list[ShardManifest]) -> None:
-    """Nothing is committed on a worker's word alone: each file written is read back here and
-    must have the size and sha256 its writer reported. A file that is not here at all was
-    written where the driver cannot see it (a node's own disk)."""
-    for manifest in manifests:
-        for entry in manifest.files:
-            location = out.file(entry.name)
-            if size_of(location) is None:
-                raise OutputError(
-                    f"{location}: written by shard {manifest.shard} on node {manifest.node} "
-                    f"({manifest.node_id[:12] or 'in-process'}) but not found by the driver "
-                    f"(no filesystem shared with that node? --assembly driver needs none); "
-                    f"not committed")
-            found = describe_file(location)
-            if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
-                raise OutputError(f"{location}: holds {found['size']} bytes with sha256 "
-                                  f"{found['sha256'][:12]}, its writer wrote {entry.size} bytes "
-                                  f"with sha256 {entry.sha256[:12]}; not committed")
+def _read_back(out: StagedOutput, manifest: ShardManifest) -> None:
+    """Nothing is committed on a worker's word alone: each file a shard wrote is read back here
+    and must have the size and sha256 its writer reported (reused files of a resumed run were
+    hashed by `_verified_files`). A file that is not here at all was written where the driver
+    cannot see it (a node's own disk)."""
+    for entry in manifest.files:
+        location = out.file(entry.name)
+        if size_of(location) is None:
+            raise UnverifiedOutputError(
+                f"{location}: written by shard {manifest.shard} on node {manifest.node} "
+                f"({manifest.node_id[:12] or 'in-process'}) but not found by the driver "
+                f"(no filesystem shared with that node? --assembly driver needs none); "
+                f"not committed")
+        found = describe_file(location)
+        if (found["size"], found["sha256"]) != (entry.size, entry.sha256):
+            raise UnverifiedOutputError(
+                f"{location}: holds {found['size']} bytes with sha256 {found['sha256'][:12]}, "
+                f"its writer wrote {entry.size} bytes with sha256 {entry.sha256[:12]}; "
+                f"not committed")
 
 
 def _write_index(out: StagedOutput, mode: OutputMode, files: list[PlannedFile],

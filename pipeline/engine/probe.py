@@ -6,8 +6,9 @@ So the driver writes a marker (a random token) beside the output, and a probe ta
 every node that can run a shard checks that it reads the marker, writes one back that the
 driver then sees, reads the first bytes of every input file and, for a GPU run, sees a CUDA
 device. A node that cannot read an input, or lacks CUDA, is an error naming the node and the
-path (exit 2). A node that cannot share the output location decides the assembly: `auto` lets
-the driver write the files from tensors the workers return; `workers` is refused.
+path (exit 2). A node that cannot share the output location rules out `--assembly workers`
+(refused, naming the node) and makes `auto` let the driver write the files from the tensors
+the workers return.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pipeline.errors import InputError
 from pipeline.io.output import probe_location
 from pipeline.io.storage import (
+    is_local,
     join,
     make_dirs,
     open_range_reader,
@@ -106,18 +108,20 @@ def check_nodes(executor, out: str, inputs: list[str], device: str, assembly: st
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
-    if assembly == "driver":
-        return "driver"
-    if not blind:
-        return "workers"
-    if assembly == "workers":
+    if assembly == "auto":
+        # Measured (benchmarks/scaleout_bench.py, README): to a local --out the driver writing
+        # is as fast as the workers or faster (its writes overlap their compute) and needs no
+        # shared filesystem; to an object store the workers upload in parallel, and each byte
+        # crosses the network once instead of twice.
+        assembly = "workers" if not is_local(out) and not blind else "driver"
+    if assembly == "workers" and blind:
         node = blind[0]
         raise InputError(f"node {node.host} ({node.node_id[:12]}): does not share the output "
                          f"location {out} with the driver (it cannot read the driver's probe "
                          f"in {directory}, or what it writes there does not reach the driver); "
                          f"--assembly workers needs a filesystem every node sees or an "
                          f"object-store --out; --assembly driver needs neither")
-    return "driver"
+    return assembly
 
 
 def _driver_sees(directory: str, probe: NodeProbe, token: str) -> bool:

@@ -11,6 +11,7 @@ re-reading its size as an autoscaling cluster grows, and shows a progress bar wi
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -48,8 +49,8 @@ def choose_device(device: str, gpu_available: bool, missing: str = NO_LOCAL_CUDA
 
 
 def current_node_id() -> str:
-    """The Ray node this code runs on, or "" outside a Ray worker."""
-    import sys
+    """The Ray node this code runs on, or "" outside a Ray worker (Ray is not imported for
+    it: in-process merges never load Ray)."""
     if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
         return ""
     return sys.modules["ray"].get_runtime_context().get_node_id()
