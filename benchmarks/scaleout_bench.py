@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/scaleout_bench.py --model vit-b-32 --tasks 8 --workers 2
 
-Three modes of one merge (Iso-CTS by default), each in a fresh child process so peak RSS is
-the merge's alone: a local --out written by the workers, an object-store --out (a local S3
-server, moto, on 127.0.0.1) written by the workers, and a local --out assembled by the driver
+Four modes of one merge (Iso-CTS by default), each in a fresh child process so peak RSS is
+the merge's alone: a local --out and an object-store --out (a local S3 server, moto, on
+127.0.0.1), each written by the workers or assembled by the driver
 from tensors the workers return through Ray's object store. Prints wall seconds of the whole
 `run_merge` (checks, probes, merge, read-back, commit) on a cluster started beforehand, driver
 and worker peak RSS, and bytes through Ray's object store. Checkpoints are the real CLIP vision
