@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--method", default="iso_cts")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "merge-bench"))
+    parser.add_argument("--cache", default=os.path.join("benchmarks", ".cache"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--finetuned", nargs="*", help=argparse.SUPPRESS)

@@ -293,7 +293,12 @@ def test_unambiguous_numbers_are_coerced(inputs, capsys):
 ])
 def test_flags_are_validated_by_the_same_model(argv, message, inputs, capsys):
     tmp, base, tasks = inputs
-    code, err, _ = _merge(capsys, *_argv(base, tasks, tmp / "out"), *argv)
+    given = ["--base", base, "--finetuned", *tasks, "--method", "iso_cts", "--out",
+             str(tmp / "out"), *argv]
+    given += [] if "--alpha" in argv else ["--alpha", "1"]
+    given += [] if "--engine" in argv else ["--engine", "local"]
+    code = main(["merge", *given])
+    err = capsys.readouterr().err.strip()
     _one_line_error(code, err)
     assert message in err
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.runtime import interrupts
 from pipeline.runtime import ray_cluster
-from pipeline.io.output import StagedOutput
+from pipeline.io.output import open_staged_output
 from pipeline.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,7 +388,7 @@ def test_sigterm_unwinds_once_and_handlers_come_back():
 
 def test_staged_output_leaves_the_telling_to_main(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt) as info:
-        with StagedOutput(str(tmp_path / "out"), run_key="k") as out:
+        with open_staged_output(str(tmp_path / "out"), run_key="k") as out:
             raise KeyboardInterrupt
     assert info.value.staging_dir == out.path and os.path.isdir(out.path)
     assert capsys.readouterr().err == ""

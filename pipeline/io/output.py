@@ -12,6 +12,7 @@ output, or a marked one whose staged files are still there for `--resume`.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import json
@@ -175,7 +176,7 @@ def open_staged_output(location: str, overwrite: bool = False, run_key: str | No
     return cls(location, overwrite, run_key, resume, commit_point)
 
 
-class StagedOutput:
+class StagedOutput(abc.ABC):
     """An output that appears at its location only on `commit()`.
 
     With a `run_key` (a digest of everything that determines the output) the staging name is
@@ -219,8 +220,9 @@ class StagedOutput:
         return [n for n in list_names(self.path)
                 if n != ".lock" and not n.endswith(DONE_SUFFIX) and ".partial-" not in n]
 
+    @abc.abstractmethod
     def commit(self) -> str:
-        raise NotImplementedError
+        """Put the staged files in place; returns the output's location."""
 
     def _check_still_replaceable(self, state: OutputState | None = None) -> None:
         """The destination exists at commit time: it may have appeared while this run worked."""
