@@ -7,7 +7,8 @@ the merge's alone: a local --out and an object-store --out (a local S3 server, m
 127.0.0.1), each written by the workers or assembled by the driver
 from tensors the workers return through Ray's object store. Prints wall seconds of the whole
 `run_merge` (checks, probes, merge, read-back, commit) on a cluster started beforehand, driver
-and worker peak RSS, and bytes through Ray's object store. Checkpoints are the real CLIP vision
+and worker peak RSS, bytes through Ray's object store, and the CPU seconds the local S3 server
+used (it shares this machine's cores with the merge). Checkpoints are the real CLIP vision
 architecture with random weights, shared with merge_bench.py's cache. It asserts nothing: the
 goals are read off the table.
 """
@@ -27,11 +28,11 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-MODES = {  # name: (output kind, --assembly)
-    "local dir, workers write": ("local", "workers"),
-    "object store (S3), workers write": ("s3", "workers"),
-    "local dir, driver assembles": ("local", "driver"),
-    "object store (S3), driver assembles": ("s3", "driver"),
+MODES = {  # key: (what the table calls it, output kind, --assembly)
+    "local-workers": ("local dir, workers write", "local", "workers"),
+    "s3-workers": ("object store (S3), workers write", "s3", "workers"),
+    "local-driver": ("local dir, driver assembles", "local", "driver"),
+    "s3-driver": ("object store (S3), driver assembles", "s3", "driver"),
 }
 MiB = 1 << 20
 
@@ -47,8 +48,10 @@ def child(args: argparse.Namespace) -> None:
                          alpha=1.0, out=args.out, assembly=args.assembly)
     started = time.perf_counter()
     report = run_merge(config, executor=executor)  # checks, probes, merge, read-back, commit
+    wall = time.perf_counter() - started
     print(json.dumps({
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall,
+        "commit_s": wall - report.timings_s["total"],  # the report is written before the commit
         "driver_rss": report.engine.model_extra.get("peak_driver_rss_bytes"),
         "worker_rss": report.engine.peak_worker_rss_bytes,
         "object_store_bytes": report.engine.model_extra.get("object_store_bytes"),
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("--method", default="iso_cts")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated subset of: " + ", ".join(MODES))
     parser.add_argument("--cache", default=os.path.join("benchmarks", ".cache"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -84,7 +89,7 @@ def main() -> None:
         return
 
     from merge_bench import ensure_checkpoints
-    from s3_server import free_port, point_s3_at, running_s3_server
+    from s3_server import free_port, point_s3_at, running_s3_server, server_cpu_seconds
 
     base, finetuned = ensure_checkpoints(args.model, args.tasks, args.cache)
     port = free_port()
@@ -93,19 +98,22 @@ def main() -> None:
     with running_s3_server(port, "scaleout-bench") as bucket, \
             tempfile.TemporaryDirectory(dir=args.cache) as scratch:
         for repeat in range(args.repeats):
-            for name, (kind, assembly) in MODES.items():
+            for key in args.modes.split(","):
+                name, kind, assembly = MODES[key]
                 out = (f"{bucket}/run{repeat}/{assembly}" if kind == "s3"
                        else os.path.join(scratch, f"run{repeat}-{assembly}-{kind}"))
+                before = server_cpu_seconds(port)
                 result = run_mode(args, base, finetuned, out, assembly)
+                result["store_cpu_s"] = server_cpu_seconds(port) - before
                 rows.append((name, result))
                 print(f"  {name}: {result['wall_s']:.1f} s", file=sys.stderr)
     print(f"\n{args.model}, T={args.tasks}, {args.method}, {args.workers} Ray workers x 1 "
           f"thread, float32; output {rows[0][1]['output_bytes'] / MiB:.0f} MiB\n")
-    print("| mode | wall s | driver peak RSS MiB | worker peak RSS MiB | "
-          "bytes via Ray object store MiB |")
-    print("|---|---|---|---|---|")
+    print("| mode | wall s | of which commit s | S3 server CPU s | driver peak RSS MiB | "
+          "worker peak RSS MiB | bytes via Ray object store MiB |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['wall_s']:.1f} | "
+        print(f"| {name} | {r['wall_s']:.1f} | {r['commit_s']:.1f} | {r['store_cpu_s']:.1f} | "
               f"{r['driver_rss'] / MiB:.0f} | {r['worker_rss'] / MiB:.0f} | "
               f"{r['object_store_bytes'] / MiB:.0f} |")
 

@@ -40,7 +40,7 @@ def running_s3_server(port: int, bucket: str) -> Iterator[str]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the local S3 server (moto_server) did not start")
+                    raise RuntimeError("the local S3 server (moto_server) did not start") from None
                 time.sleep(0.1)
         import pyarrow.fs as pafs
         pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
@@ -50,3 +50,20 @@ def running_s3_server(port: int, bucket: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def server_cpu_seconds(port: int) -> float:
+    """CPU seconds the moto server on `port` has used so far (Linux /proc): it shares this
+    machine's cores with the merge, so a benchmark reports it beside its wall times."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            if not any(a.endswith(b"moto_server") for a in args) or str(port).encode() not in args:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return 0.0

@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Literal
 
 from pipeline.errors import InputError, OutputConflictError, OutputError
@@ -50,6 +51,7 @@ REPORT_NAME = "merge_report.json"
 # it is absent to every reader of ours, whatever else it holds.
 COMMIT_MARK = ".merge-pipeline-committing.json"
 DONE_SUFFIX = ".done.json"
+COPY_THREADS = 8  # concurrent server-side copies in an object-store commit
 
 OutputState = Literal["absent", "empty", "ours", "uncommitted", "foreign", "file"]
 
@@ -358,11 +360,11 @@ class ObjectStoreOutput(StagedOutput):
             for name in list_files(self.final):
                 if name not in (COMMIT_MARK, *names):
                     remove(join(self.final, name))
-            for name in [n for n in names if n != last] + [last]:
-                copy_file(self.file(name), join(self.final, name))
-                staged, placed = size_of(self.file(name)), size_of(join(self.final, name))
-                if placed != staged:
-                    raise OSError(f"{name}: {placed} bytes after the copy, {staged} staged")
+            # Server-side copies are requests that wait on the store: run them side by side,
+            # then the commit point alone, last.
+            with ThreadPoolExecutor(COPY_THREADS) as pool:
+                list(pool.map(self._place, [n for n in names if n != last]))
+            self._place(last)
             remove(mark)
         except OSError as exc:
             self.keep_staging = True
@@ -373,6 +375,13 @@ class ObjectStoreOutput(StagedOutput):
         remove_tree(self.path)
         self.committed = True
         return self.final
+
+    def _place(self, name: str) -> None:
+        """Copy one staged file into the output and check that all of it arrived."""
+        copy_file(self.file(name), join(self.final, name))
+        staged, placed = size_of(self.file(name)), size_of(join(self.final, name))
+        if placed != staged:
+            raise OSError(f"{name}: {placed} bytes after the copy, {staged} staged")
 
 
 def done_marker(directory: str, file_name: str) -> str:
