@@ -56,7 +56,9 @@ def expected(tiny_example, tmp_path_factory):
 
 
 def on(cluster) -> RayExecutor:
-    return RayExecutor(address=cluster[0].address)
+    """Two tasks in flight, one per node (fixed, so that a resource view still settling right
+    after the nodes joined cannot make it one)."""
+    return RayExecutor(address=cluster[0].address, workers=2)
 
 
 def test_shards_spread_over_nodes_and_match_in_process(cluster, tiny_example, expected,

@@ -15,14 +15,14 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.engine.plan import MergeUnit, OutputMode, Shard
+from pipeline.engine.plan import MergeUnit, OutputMode, PlannedFile, Shard
 from pipeline.engine.records import ShardManifest, ShardSeconds, TensorLayout, WrittenFile
 from pipeline.errors import InputError, TransientError
 from pipeline.io.output import done_marker, write_json_atomic
@@ -210,7 +210,8 @@ def run_shard(job: ShardJob) -> ShardResult:
     return ShardResult(manifest, returned)
 
 
-def _write_file(job: ShardJob, planned, tensors) -> WrittenFile:
+def _write_file(job: ShardJob, planned: PlannedFile,
+                tensors: Iterator[tuple[str, torch.Tensor]]) -> WrittenFile:
     """Stream one planned file into the output's staging location, with its done-marker (its
     manifest, checked again by --resume)."""
     assert job.out_dir is not None

@@ -354,6 +354,7 @@ class ObjectStoreOutput(StagedOutput):
             raise OutputError(f"{self.path}: nothing to commit (no {last} staged)")
         mark = join(self.final, COMMIT_MARK)
         try:
+            make_dirs(self.final)  # a no-op on object stores; HDFS has real directories
             write_json_atomic(mark, {"staging": self.path, "files": names,
                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             remove(join(self.final, last))  # the old output's commit point goes first

@@ -35,6 +35,8 @@ def progress(total: int, desc: str) -> tqdm:
 
 # How often a Ray executor without a fixed --workers re-reads the cluster's size.
 RESIZE_EVERY_S = 5.0
+# How long an error waits for the cancelled calls in flight to end.
+CANCEL_WAIT_S = 30.0
 
 
 NO_LOCAL_CUDA = "this machine has no CUDA device that torch can use"
@@ -223,9 +225,12 @@ def stream_results(submit_next: Callable[[], tuple[Any, Any] | None],
         # the job's end on a joined one, stops the calls. ray.cancel would race calls that are
         # finishing into a Ray CHECK failure that kills the driver with a C++ stack trace (seen
         # in 2 of 6 interrupted runs; ray-project/ray #54798, #54846), so it is for errors only.
-        if received_signal() is None:
+        if received_signal() is None and pending:
             for ref in pending:
                 ray.cancel(ref, force=force_cancel)
+            # Let them end before the caller cleans up: a cancelled task still running could
+            # write into a staging directory just removed (seen on a loaded 2-core machine).
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
         raise
 
 
