@@ -31,7 +31,17 @@ def s3_server():
 def s3_prefix(s3_server, request):
     """A fresh prefix in the test bucket for one test."""
     import uuid
-    return f"{s3_server}/{request.node.name[:40].replace('[', '-').strip(']')}-{uuid.uuid4().hex[:6]}"
+    name = request.node.name[:40].replace("[", "-").strip("]")
+    return f"{s3_server}/{name}-{uuid.uuid4().hex[:6]}"
+
+
+def output_bytes(location) -> dict[str, bytes]:
+    """Every file directly in an output (a local directory or an object-store prefix) except
+    the report, which holds timings: what must be bit-identical between two merges."""
+    from pipeline.io import storage
+    location = str(location)
+    return {name: storage.read_bytes(storage.join(location, name))
+            for name in storage.list_names(location) if name != "merge_report.json"}
 
 
 @contextlib.contextmanager

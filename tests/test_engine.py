@@ -7,6 +7,7 @@ import os
 import pickle
 
 import pytest
+from conftest import output_bytes
 import torch
 
 from pipeline.io import open_checkpoint
@@ -27,12 +28,6 @@ METHOD_RUNS = {
     "iso_cts": (1.1, {"common_space_fraction": 0.8}),
     "tsv_c": (None, {}),
 }
-
-
-def output_bytes(directory: str) -> dict[str, bytes]:
-    """Every file of an output except the report (which holds timings)."""
-    return {name: open(os.path.join(directory, name), "rb").read()
-            for name in sorted(os.listdir(directory)) if name != "merge_report.json"}
 
 
 def merge(example, out, method, executor=None, engine="local", **overrides):

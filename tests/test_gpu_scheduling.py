@@ -8,7 +8,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import ray_nodes
 
 from pipeline.cli.main import main

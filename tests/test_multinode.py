@@ -1,8 +1,8 @@
 """Several Ray nodes on this machine (`ray.cluster_utils.Cluster`): shards spread over nodes
 and give the in-process bytes in either assembly; a node that does not share the output makes
-`auto` assemble on the driver and `workers` refuse; an input a node cannot read, and a file a worker wrote where
-the driver cannot see it, stop the merge before anything is committed; a node killed
-mid-merge is survived."""
+`auto` assemble on the driver and `workers` refuse; an input a node cannot read, and a file a
+worker wrote where the driver cannot see it, stop the merge before anything is committed; a
+node killed mid-merge is survived."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ import threading
 import time
 
 import pytest
-
-from conftest import ray_nodes
+from conftest import output_bytes, ray_nodes
 
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import run_merge
 from pipeline.engine.probe import HiddenPath
 from pipeline.engine.worker import Fault
 from pipeline.errors import InputError, OutputError
-from pipeline.io import storage
 from pipeline.runtime.executors import RayExecutor
 
 pytestmark = pytest.mark.slow
@@ -30,16 +28,6 @@ def cluster():
     """A head that runs no work and two worker nodes of one CPU each."""
     with ray_nodes({"num_cpus": 1}, {"num_cpus": 1}) as nodes:
         yield nodes
-
-
-def s3_bytes(prefix: str) -> dict[str, bytes]:
-    return {name: storage.read_bytes(f"{prefix}/{name}") for name in storage.list_names(prefix)
-            if name != "merge_report.json"}
-
-
-def output_bytes(directory) -> dict[str, bytes]:
-    return {name: open(os.path.join(directory, name), "rb").read()
-            for name in sorted(os.listdir(directory)) if name != "merge_report.json"}
 
 
 def config(example, out, **overrides) -> MergeConfig:
@@ -84,7 +72,7 @@ def test_workers_upload_to_a_store_every_node_reaches(cluster, tiny_example, exp
                                                       s3_prefix):
     report = run_merge(config(tiny_example, f"{s3_prefix}/out"), executor=on(cluster))
     assert report.engine.assembly == "workers" and report.engine.object_store_bytes == 0
-    assert s3_bytes(f"{s3_prefix}/out") == expected
+    assert output_bytes(f"{s3_prefix}/out") == expected
 
 
 def test_a_node_without_the_store_makes_the_driver_assemble(cluster, tiny_example, expected,
@@ -95,7 +83,7 @@ def test_a_node_without_the_store_makes_the_driver_assemble(cluster, tiny_exampl
                        hidden=HiddenPath(cluster[1][0].node_id, s3_prefix))
     assert report.engine.assembly == "driver" and report.engine.object_store_bytes > 0
     assert len({s.node_id for s in report.engine.shards}) == 2
-    assert s3_bytes(f"{s3_prefix}/out") == expected
+    assert output_bytes(f"{s3_prefix}/out") == expected
 
 
 def test_workers_assembly_is_refused_naming_the_node(cluster, tiny_example, tmp_path):

@@ -9,27 +9,17 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import output_bytes
 
 from pipeline.cli.main import main
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import run_merge
 from pipeline.errors import InputError, OutputError
 from pipeline.io import open_checkpoint, storage
-from pipeline.io.output import COMMIT_MARK, REPORT_NAME, output_state
+from pipeline.io.output import COMMIT_MARK, output_state
 from pipeline.runtime.executors import LocalExecutor, RayExecutor
 
 pytestmark = pytest.mark.slow
-
-
-def s3_bytes(prefix: str) -> dict[str, bytes]:
-    """Every object directly under a prefix except the report (which holds timings)."""
-    return {name: storage.read_bytes(f"{prefix}/{name}") for name in storage.list_names(prefix)
-            if name != REPORT_NAME}
-
-
-def local_bytes(directory) -> dict[str, bytes]:
-    return {name: open(os.path.join(directory, name), "rb").read()
-            for name in sorted(os.listdir(directory)) if name != REPORT_NAME}
 
 
 def config(example, out, method="iso_cts", **overrides) -> MergeConfig:
@@ -49,7 +39,7 @@ def test_merge_to_s3_gives_the_local_bytes_and_verifies(tiny_example, s3_prefix,
     code = main(["merge", "--engine", "local", "--base", tiny_example[0], "--finetuned",
                  *tiny_example[1], "--method", "iso_cts", "--alpha", "1", "--out", s3_prefix])
     assert code == 0, capsys.readouterr().err
-    assert s3_bytes(s3_prefix) == local_bytes(tmp_path / "local")
+    assert output_bytes(s3_prefix) == output_bytes(tmp_path / "local")
     assert output_state(s3_prefix) == "ours" and not staging_prefixes(s3_prefix)
     assert main(["verify", s3_prefix]) == 0
     with open_checkpoint(s3_prefix) as merged:  # our readers read it like a local output
@@ -63,7 +53,7 @@ def test_ray_workers_stream_their_files_to_the_store(tiny_example, s3_prefix, tm
                        executor=RayExecutor(workers=2))
     assert report.engine.assembly == "workers"  # every node sees the store
     assert len(report.outputs) > 2
-    assert s3_bytes(s3_prefix) == local_bytes(tmp_path / "local")
+    assert output_bytes(s3_prefix) == output_bytes(tmp_path / "local")
 
 
 def test_multipart_upload_and_ranged_reads(s3_prefix):
@@ -163,7 +153,7 @@ def test_expand_reads_and_writes_the_store(tiny_example, s3_prefix, tmp_path):
                  "--out", f"{s3_prefix}/task1"]) == 0
     assert main(["expand", "--artefact", artefact, "--base", tiny_example[0], "--task", "1",
                  "--out", str(tmp_path / "task1")]) == 0
-    assert s3_bytes(f"{s3_prefix}/task1") == local_bytes(tmp_path / "task1")
+    assert output_bytes(f"{s3_prefix}/task1") == output_bytes(tmp_path / "task1")
     assert main(["verify", f"{s3_prefix}/task1"]) == 0
 
 

@@ -54,7 +54,6 @@ from pipeline.engine.records import (
     ShardManifest,
     ShardRecord,
     ShardWork,
-    TensorLayout,
     WrittenFile,
 )
 from pipeline.engine.worker import (
@@ -62,6 +61,8 @@ from pipeline.engine.worker import (
     MergeSettings,
     ShardJob,
     ShardResult,
+    mark_done,
+    planned_tensors,
     run_shard,
     shard_statistics,
 )
@@ -72,12 +73,11 @@ from pipeline.io.output import (
     check_free_space,
     done_marker,
     prepare_output,
-    write_json_atomic,
 )
 from pipeline.io.reader import Checkpoint
 from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size, write_tensor_bytes
 from pipeline.io.scan import describe_file, scan_file
-from pipeline.io.storage import canonical, exists, read_bytes, remove, size_of
+from pipeline.io.storage import canonical, exists, join, read_bytes, remove, size_of
 from pipeline.methods import MethodSpec, get_method
 from pipeline.runtime.executors import make_executor
 
@@ -356,14 +356,10 @@ def _assemble(out: StagedOutput, shard: Shard, result: ShardResult) -> ShardMani
     returned (`--assembly driver`); as is when the worker wrote them itself."""
     if not result.tensors:
         return result.manifest
-    written = []
-    for planned in shard.files:
-        file = write_tensor_bytes(out.file(planned.name), planned.layout,
-                                  result.tensors[planned.name], {"format": "pt"})
-        written.append(WrittenFile(
-            name=file.name, size=file.size, sha256=file.sha256,
-            tensors={k: TensorLayout(dtype=d, shape=list(sh)) for k, d, sh in planned.layout}))
-        write_json_atomic(done_marker(out.path, file.name), written[-1].model_dump(mode="json"))
+    written = [mark_done(out.path, planned,
+                         write_tensor_bytes(out.file(planned.name), planned.layout,
+                                            result.tensors[planned.name], {"format": "pt"}))
+               for planned in shard.files]
     return result.manifest.model_copy(update={"files": written})
 
 
@@ -416,11 +412,11 @@ def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, Written
     still hash to the recorded sha256; anything else is deleted and recomputed."""
     verified = {}
     for planned in files:
-        path, marker = f"{staging}/{planned.name}", done_marker(staging, planned.name)
+        path, marker = join(staging, planned.name), done_marker(staging, planned.name)
         try:
             manifest = WrittenFile.model_validate_json(read_bytes(marker))
-            expected = {k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}
-            if manifest.tensors == expected and scan_file(path)["sha256"] == manifest.sha256:
+            if (manifest.tensors == planned_tensors(planned)
+                    and scan_file(path)["sha256"] == manifest.sha256):
                 verified[planned.name] = manifest
                 continue
         except (OSError, ValueError, PipelineError):  # pydantic's ValidationError included

@@ -67,7 +67,7 @@ def probe_node(directory: str, token: str, inputs: tuple[str, ...], device: str,
         try:
             sees = read_bytes(join(directory, MARKER)).decode() == token
             if sees:
-                write_bytes(join(directory, f"node-{node or 'local'}"), token.encode())
+                write_bytes(_reply(directory, node), token.encode())
         except (OSError, InputError):
             sees = False
     problems = []
@@ -124,8 +124,13 @@ def check_nodes(executor, out: str, inputs: list[str], device: str, assembly: st
     return assembly
 
 
+def _reply(directory: str, node_id: str) -> str:
+    """Where a node's probe writes back the driver's token."""
+    return join(directory, f"node-{node_id or 'local'}")
+
+
 def _driver_sees(directory: str, probe: NodeProbe, token: str) -> bool:
     try:
-        return read_bytes(join(directory, f"node-{probe.node_id or 'local'}")).decode() == token
+        return read_bytes(_reply(directory, probe.node_id)).decode() == token
     except (OSError, InputError):
         return False

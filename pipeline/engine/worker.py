@@ -25,6 +25,7 @@ import torch
 from pipeline.engine.plan import MergeUnit, OutputMode, PlannedFile, Shard
 from pipeline.engine.records import ShardManifest, ShardSeconds, TensorLayout, WrittenFile
 from pipeline.errors import InputError, TransientError
+from pipeline.io import safetensors_io
 from pipeline.io.output import done_marker, write_json_atomic
 from pipeline.io.reader import Checkpoint, open_checkpoint
 from pipeline.io.safetensors_io import DTYPES, tensor_bytes, write_stream
@@ -217,12 +218,24 @@ def _write_file(job: ShardJob, planned: PlannedFile,
     assert job.out_dir is not None
     written = write_stream(join(job.out_dir, planned.name), planned.layout, tensors,
                            {"format": "pt"})
-    record = WrittenFile(
-        name=written.name, size=written.size, sha256=written.sha256,
-        tensors={k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout})
-    write_json_atomic(done_marker(job.out_dir, written.name), record.model_dump(mode="json"))
+    record = mark_done(job.out_dir, planned, written)
     if _fault_fires(job, "lose"):
         remove(join(job.out_dir, planned.name))
+    return record
+
+
+def planned_tensors(planned: PlannedFile) -> dict[str, TensorLayout]:
+    """A planned file's tensors as its written record and its done-marker list them."""
+    return {k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}
+
+
+def mark_done(directory: str, planned: PlannedFile, written: safetensors_io.WrittenFile
+              ) -> WrittenFile:
+    """The record of a file just written into `directory` (by a worker or by the assembling
+    driver), also written beside it as its done-marker, which --resume checks again."""
+    record = WrittenFile(name=written.name, size=written.size, sha256=written.sha256,
+                         tensors=planned_tensors(planned))
+    write_json_atomic(done_marker(directory, written.name), record.model_dump(mode="json"))
     return record
 
 

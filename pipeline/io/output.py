@@ -217,10 +217,8 @@ class StagedOutput(abc.ABC):
         write_file_atomic(self.file(name), lambda f: f.write(read_bytes(location)))
 
     def staged_names(self) -> list[str]:
-        """The output's files: what is staged, less our bookkeeping (locks, done-markers, the
-        temporary files of writers that died)."""
-        return [n for n in list_names(self.path)
-                if n != ".lock" and not n.endswith(DONE_SUFFIX) and ".partial-" not in n]
+        """The output's top-level entries: what is staged, less our bookkeeping."""
+        return [n for n in list_names(self.path) if not _is_bookkeeping(n)]
 
     @abc.abstractmethod
     def commit(self) -> str:
@@ -347,8 +345,7 @@ class ObjectStoreOutput(StagedOutput):
         state = output_state(self.final)
         if state != "absent":
             self._check_still_replaceable(state)
-        names = [n for n in list_files(self.path) if n.rsplit("/", 1)[-1] != ".lock"
-                 and not n.endswith(DONE_SUFFIX) and ".partial-" not in n]
+        names = [n for n in list_files(self.path) if not _is_bookkeeping(n.rsplit("/", 1)[-1])]
         last = self.commit_point
         if last not in names:
             raise OutputError(f"{self.path}: nothing to commit (no {last} staged)")
@@ -383,6 +380,12 @@ class ObjectStoreOutput(StagedOutput):
         staged, placed = size_of(self.file(name)), size_of(join(self.final, name))
         if placed != staged:
             raise OSError(f"{name}: {placed} bytes after the copy, {staged} staged")
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """Staged names that are ours, not the output's: locks, done-markers, and the temporary
+    files of writers that died."""
+    return name == ".lock" or name.endswith(DONE_SUFFIX) or ".partial-" in name
 
 
 def done_marker(directory: str, file_name: str) -> str:

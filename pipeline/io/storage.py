@@ -238,10 +238,6 @@ def remove_tree(location: str) -> None:
 
 def copy_file(source: str, destination: str) -> None:
     """Copy within one store: a server-side copy on object stores, no bytes through us."""
-    if is_local(source) and is_local(destination):
-        with open_output(destination) as out, open(str(local_path(source)), "rb") as src:
-            shutil.copyfileobj(src, out, 16 << 20)
-        return
     fs, inner = filesystem(source)
     fs.copy_file(inner, filesystem(destination)[1])
 

@@ -58,7 +58,21 @@ def current_node_id() -> str:
     return sys.modules["ray"].get_runtime_context().get_node_id()
 
 
-class LocalExecutor:
+class Executor:
+    """What both executors share: `map` is `imap` put back in argument order."""
+
+    def imap(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = ""
+             ) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
+
+    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
+        ordered: list[Any] = [None] * len(calls)
+        for i, result in self.imap(fn, calls, desc):
+            ordered[i] = result
+        return ordered
+
+
+class LocalExecutor(Executor):
     """Runs every shard in this process, one after another (no Ray)."""
 
     workers = 1
@@ -84,9 +98,6 @@ class LocalExecutor:
         finally:
             torch.set_num_threads(threads)
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
-        return collect(self.imap(fn, calls, desc), len(calls))
-
     def each_node(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
         return [fn(*args)]
 
@@ -94,7 +105,7 @@ class LocalExecutor:
         return {"kind": "local", "workers": 1, "device": self.device, "startup_s": 0.0}
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Runs shards as Ray tasks; starts an embedded local cluster when no address is given
     (sized from the CPUs this process may use; see `ray_cluster.connect`)."""
 
@@ -146,9 +157,6 @@ class RayExecutor:
         with progress(len(calls), desc) as bar:
             yield from stream_results(submit_next, self.capacity, bar)
 
-    def map(self, fn: Callable[..., Any], calls: Sequence[tuple], desc: str = "") -> list[Any]:
-        return collect(self.imap(fn, calls, desc), len(calls))
-
     def each_node(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
         """`fn(*args)` once on every alive node with room for one of this executor's tasks
         (CPUs, or GPUs on a GPU run), pinned there, with the same resources a task gets, so a
@@ -184,14 +192,6 @@ def ray_slots(device: str, threads: int, gpu_share: float) -> tuple[str, int]:
     if chosen == "cuda":
         return chosen, int(gpus / gpu_share)
     return chosen, int(resources.get("CPU", 1) // threads)
-
-
-def collect(results: Iterator[tuple[int, Any]], count: int) -> list[Any]:
-    """An `imap`'s results in argument order."""
-    ordered: list[Any] = [None] * count
-    for i, result in results:
-        ordered[i] = result
-    return ordered
 
 
 def stream_results(submit_next: Callable[[], tuple[Any, Any] | None],
