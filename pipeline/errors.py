@@ -25,6 +25,12 @@ class OutputConflictError(InputError):
     finished files are kept in its staging directory, so `--resume` can commit them."""
 
 
+class StorageError(InputError, OSError):
+    """A store (s3://, gs://, ...) could not be reached or refused the request: its endpoint,
+    credentials or network are the user's to fix, so one line and exit 2; and still an OSError
+    to code that keeps its staging or retries when storage fails."""
+
+
 class OutputError(PipelineError):
     """Writing the output failed (full disk, permissions); nothing was left at the destination."""
 

@@ -206,3 +206,23 @@ def test_a_nightly_with_every_output_on_the_store(tiny_suite, s3_prefix):
     assert cell.startswith(f"{s3_prefix}/work/") and storage.exists(f"{cell}/summary.json")
     assert main(["verify", f"{cell}/task_vectors/task_arithmetic"]) == 0
     assert storage.exists(f"{s3_prefix}/work/{result.run_id}/nightly.json")
+
+
+def test_an_unreachable_store_is_one_line_before_anything(tiny_example, monkeypatch, capsys,
+                                                          tmp_path):
+    """A wrong endpoint (or no network) for --out, an input or verify: one line, exit 2,
+    nothing written anywhere, no traceback."""
+    from s3_server import free_port
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    base, tuned = tiny_example
+    common = ["merge", "--engine", "local", "--method", "iso_c", "--alpha", "1"]
+    for argv in (["--base", base, "--finetuned", *tuned, "--out", "s3://nowhere/out"],
+                 ["--base", "s3://nowhere/base", "--finetuned", *tuned,
+                  "--out", str(tmp_path / "out")],
+                 ):
+        assert main([*common, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "cannot reach its storage" in err and len(err.splitlines()) == 1, err
+    assert main(["verify", "s3://nowhere/out"]) == 2
+    assert "cannot reach its storage" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, OutputError
 from pipeline.io.output import fsync_path
-from pipeline.io.storage import is_uri
+from pipeline.io.storage import filesystem
 
 ROW_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -121,15 +121,6 @@ def make_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
         raise InputError(f"history rows do not fit the schema: {exc}") from exc
 
 
-def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(root):
-        try:
-            return pafs.FileSystem.from_uri(root)
-        except Exception as exc:  # pyarrow raises several types for bad URIs
-            raise InputError(f"{root}: cannot open history storage: {exc}") from exc
-    return pafs.LocalFileSystem(), os.path.abspath(root)
-
-
 def append_run(root: str, rows: Iterable[Mapping[str, Any]]) -> str:
     """Write one run's rows as one new file; returns its path. All rows must share run_id."""
     table = make_table(rows)
@@ -141,7 +132,7 @@ def append_run(root: str, rows: Iterable[Mapping[str, Any]]) -> str:
     if stamps.null_count:
         raise InputError("every history row needs a timestamp")
     date = min(stamps.to_pylist()).astimezone(dt.timezone.utc).strftime("%Y-%m-%d")
-    fs, base = _filesystem(root)
+    fs, base = filesystem(root)
     directory = f"{base.rstrip('/')}/date={date}"
     final = f"{directory}/{run_id}.parquet"
     tmp = f"{directory}/.{run_id}.{uuid.uuid4().hex[:8]}.tmp"
@@ -170,7 +161,7 @@ def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
 
 def read_history(root: str, filter: ds.Expression | None = None) -> pa.Table:
     """The whole history (or the rows matching `filter`), sorted by time; empty if none yet."""
-    fs, base = _filesystem(root)
+    fs, base = filesystem(root)
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return HISTORY_SCHEMA.empty_table()
     try:

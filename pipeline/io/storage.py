@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Protocol
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StorageError
 
 
 class RangeReader(Protocol):
@@ -131,13 +131,29 @@ def filesystem(location: str) -> tuple[Any, str]:
 
 
 
+def _info(location: str, listing: bool = False, recursive: bool = False) -> tuple[Any, str]:
+    """pyarrow's metadata of a URI (one entry, or a listing) and the path inside its store. A
+    store that cannot be reached (endpoint, credentials, network) is a `StorageError`: one line
+    for the user, and still an OSError for code that keeps staging or retries on one."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(location)
+    try:
+        if listing:
+            selector = pafs.FileSelector(inner, recursive=recursive, allow_not_found=True)
+            return fs.get_file_info(selector), inner
+        return fs.get_file_info(inner), inner
+    except OSError as exc:
+        raise StorageError(f"{location}: cannot reach its storage "
+                           f"({' '.join(str(exc).split())})") from None
+
+
 def exists(location: str) -> bool:
     if not is_uri(location):
         return os.path.exists(location)
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _info(location)[0].type != pafs.FileType.NotFound
 
 
 def is_dir(location: str) -> bool:
@@ -145,8 +161,7 @@ def is_dir(location: str) -> bool:
         return os.path.isdir(location)
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _info(location)[0].type == pafs.FileType.Directory
 
 
 def size_of(location: str) -> int | None:
@@ -156,8 +171,7 @@ def size_of(location: str) -> int | None:
         return os.path.getsize(path) if os.path.isfile(path) else None
     import pyarrow.fs as pafs
 
-    fs, inner = filesystem(location)
-    info = fs.get_file_info(inner)
+    info = _info(location)[0]
     return info.size if info.type == pafs.FileType.File else None
 
 
@@ -166,11 +180,7 @@ def list_names(location: str) -> list[str]:
     path = local_path(location)
     if path is not None:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
-    import pyarrow.fs as pafs
-
-    fs, inner = filesystem(location)
-    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    return sorted(info.base_name for info in infos)
+    return sorted(info.base_name for info in _info(location, listing=True)[0])
 
 
 def list_files(location: str) -> list[str]:
@@ -182,8 +192,7 @@ def list_files(location: str) -> list[str]:
         return sorted(found)
     import pyarrow.fs as pafs
 
-    fs, inner = filesystem(location)
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    infos, inner = _info(location, listing=True, recursive=True)
     return sorted(i.path[len(inner.rstrip("/")) + 1:] for i in infos
                   if i.type == pafs.FileType.File)
 
