@@ -58,8 +58,8 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="encoder.layers.2"):
         Evaluator(str(tmp_path / "m"))
     os.remove(tmp_path / "m" / "config.json")
-    with pytest.raises(InputError, match="no config.json"):
-        Evaluator(str(tmp_path / "m"))
+    with pytest.raises(InputError, match="add a config.json with num_attention_heads"):
+        Evaluator(str(tmp_path / "m"))  # 2 heads of width 16: no shape tells that
 
 
 # ---- metrics and alpha selection (spec section 4) -----------------------------------------
@@ -146,10 +146,12 @@ def test_sweep_never_looks_at_test_before_choosing():
 # ---- the tiny suite, end to end ------------------------------------------------------------
 
 def _pool(suite_dir, tasks, engine, **kw):
-    from pipeline.evaluation.data import load_task
+    from pipeline.bench.runner import open_task_set
     from pipeline.evaluation.pool import EvaluationPool
-    data = {t: load_task(os.path.join(suite_dir, "tasks"), t, ("val", "test")) for t in tasks}
-    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, engine, **kw)
+    task_set = open_task_set(suite_dir, log=lambda *_: None)
+    chosen = [t for t in task_set.tasks if t.name in tasks]
+    return EvaluationPool(task_set.base, chosen, engine,
+                          preprocess=task_set.manifest.manifest.preprocess, **kw)
 
 
 def test_tiny_suite_builds_once_and_is_cached(tiny_suite):

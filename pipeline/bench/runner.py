@@ -8,7 +8,6 @@ runs can be appended to a history and compared.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,13 +19,15 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.bench.suites.build import ensure_suite
+from pipeline.bench.suites.export import MANIFEST_NAME
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import library_versions, run_merge
 from pipeline.engine.records import VersionedFile
 from pipeline.errors import InputError
-from pipeline.evaluation.data import TaskData, load_task
+from pipeline.evaluation.manifest import LoadedManifest, load_manifest
 from pipeline.evaluation.pool import EvaluationPool
 from pipeline.evaluation.search import absolute, normalized, select_alpha
+from pipeline.evaluation.tasks import SPLITS, EvalTask, resolve_task
 from pipeline.io import storage
 from pipeline.io.output import write_file_atomic
 from pipeline.methods.registry import MethodSpec, get_method
@@ -65,7 +66,8 @@ class BenchSummary(VersionedFile):
     """`summary.json`: the benchmark's rows, sweeps and costs (read by history and nightly)."""
 
     suite: str
-    suite_dir: str
+    suite_dir: str  # the manifest's location (a built-in suite's exported manifest)
+    manifest_digest: str
     tasks: list[str]
     num_tasks: int
     rows: dict[str, MethodRow]
@@ -80,6 +82,10 @@ class BenchSummary(VersionedFile):
 @dataclass
 class BenchOptions:
     suite: str = "standard"
+    tasks_file: str | None = None   # a task manifest instead of a built-in suite
+    base: str | None = None         # override the manifest's base
+    finetuned: Sequence[str] = ()   # override the manifest's fine-tuned checkpoints
+    precision: str = "fp32"
     tasks: int | None = None
     methods: Sequence[str] = DEFAULT_METHODS
     out: str = "bench-out"
@@ -93,15 +99,61 @@ class BenchOptions:
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def suite_tasks(suite_dir: str, count: int | None) -> list[str]:
-    with open(os.path.join(suite_dir, "suite.json"), encoding="utf-8") as fh:
-        names = [t["name"] for t in json.load(fh)["tasks"]]
-    if count is None:
-        return names
-    if not 1 <= count <= len(names):
-        raise InputError(f"--tasks must be between 1 and {len(names)} for this suite, "
-                         f"got {count}")
-    return names[:count]
+@dataclass(frozen=True)
+class TaskSet:
+    """What a benchmark runs on: a manifest's tasks (a built-in suite exports one), theta_0,
+    and per task its fine-tuned checkpoint."""
+
+    name: str
+    manifest: LoadedManifest
+    base: str
+    tasks: list[EvalTask]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def pool(self, engine: str, workers: int | None, device: str, address: str | None,
+             precision: str = "fp32") -> EvaluationPool:
+        return EvaluationPool(self.base, self.tasks, engine, workers, device, address=address,
+                              preprocess=self.manifest.manifest.preprocess, precision=precision)
+
+    def finetuned_checkpoints(self) -> list[str]:
+        missing = [t.name for t in self.tasks if t.finetuned is None]
+        if missing:
+            raise InputError(f"{self.manifest.location}: task {missing[0]!r} has no "
+                             f"`finetuned` checkpoint to merge (or pass --finetuned, one per "
+                             f"task)")
+        return [str(t.finetuned) for t in self.tasks]
+
+
+def open_task_set(suite: str | None = None, tasks_file: str | None = None,
+                  count: int | None = None, cache: str | None = None, executor=None,
+                  base: str | None = None, finetuned: Sequence[str] | None = None,
+                  log: Callable[[str], None] = print) -> TaskSet:
+    """A built-in suite (built or taken from the cache, then read through the manifest it
+    exports) or a user's manifest; `base` / `finetuned` override the manifest's models."""
+    if tasks_file is not None:
+        loaded = load_manifest(tasks_file)
+        name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0]
+    else:
+        suite_dir = ensure_suite(suite or "standard", cache, executor, log)
+        loaded = load_manifest(os.path.join(suite_dir, MANIFEST_NAME))
+        name = suite or "standard"
+    specs = loaded.select(count)
+    if finetuned:
+        if len(finetuned) != len(specs):
+            raise InputError(f"--finetuned: {len(finetuned)} checkpoint(s) for {len(specs)} "
+                             f"task(s) ({', '.join(s.name for s in specs)}); give one per "
+                             f"task, in the manifest's order")
+        specs = [s.model_copy(update={"finetuned": f}) for s, f in zip(specs, finetuned)]
+    theta0 = base or loaded.manifest.base
+    if theta0 is None:
+        raise InputError(f"{loaded.location}: no base model; set `base` in the manifest or "
+                         f"pass --base")
+    log(f"tasks: {', '.join(s.name for s in specs)} ({loaded.location})")
+    tasks = [resolve_task(loaded.manifest, spec) for spec in specs]
+    return TaskSet(name, loaded, theta0, tasks)
 
 
 def accuracies(pool: EvaluationPool, weights: Sequence[Weights], tasks: Sequence[str],
@@ -112,18 +164,35 @@ def accuracies(pool: EvaluationPool, weights: Sequence[Weights], tasks: Sequence
     return [{t: (lambda c: c[0] / c[1])(next(counts)) for t in tasks} for _ in weights]
 
 
-def reference_rows(pool: EvaluationPool, suite_dir: str, tasks: Sequence[str]
+def reference_rows(pool: EvaluationPool, task_set: TaskSet
                    ) -> dict[str, dict[str, dict[str, float]]]:
-    """Zero-shot (theta_0) and fine-tuned (theta_t on task t) accuracy, val and test."""
+    """Zero-shot (theta_0) and fine-tuned (theta_t on task t) accuracy, val and test. A task's
+    stated `finetuned_accuracy` stands in for evaluating its checkpoint; a task with neither
+    has no fine-tuned row (and no normalised accuracy)."""
     refs: dict[str, dict[str, dict[str, float]]] = {"zero_shot": {}, "finetuned": {}}
-    requests = [(Weights.base(), t, s) for s in ("val", "test") for t in tasks]
-    requests += [(Weights.model(os.path.join(suite_dir, "finetuned", t)), t, s)
-                 for s in ("val", "test") for t in tasks]
+    requests = [(Weights.base(), t.name, s) for s in SPLITS for t in task_set.tasks]
+    requests += [(Weights.model(t.finetuned), t.name, s) for s in SPLITS
+                 for t in task_set.tasks if t.finetuned and t.finetuned_accuracy is None]
     counts = pool.counts(requests, "references")
     for (weights, task, split), (c, n) in zip(requests, counts):
         row = "zero_shot" if weights.kind == "base" else "finetuned"
         refs[row].setdefault(split, {})[task] = c / n
+    for t in task_set.tasks:
+        for split, value in (t.finetuned_accuracy or {}).items():
+            refs["finetuned"].setdefault(split, {})[t.name] = value
     return refs
+
+
+def finetuned_reference(refs: dict[str, dict[str, dict[str, float]]], task_set: TaskSet,
+                        split: str) -> dict[str, float]:
+    """The fine-tuned accuracies normalisation divides by; every task needs one."""
+    known = refs["finetuned"].get(split, {})
+    for t in task_set.tasks:
+        if t.name not in known:
+            raise InputError(f"task {t.name!r}: normalised accuracy needs the task's "
+                             f"`finetuned` checkpoint or its `finetuned_accuracy` in "
+                             f"{task_set.manifest.location}")
+    return {t.name: known[t.name] for t in task_set.tasks}
 
 
 def sweep_task_vector(pool: EvaluationPool, task_vector: str, tasks: Sequence[str],
@@ -152,36 +221,36 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
     executor = None
     if options.engine == "ray":
         executor = RayExecutor(options.address, options.workers, device=options.device)
-    suite_dir = ensure_suite(options.suite, options.cache, executor, log)
-    tasks = suite_tasks(suite_dir, options.tasks)
+    task_set = open_task_set(options.suite, options.tasks_file, options.tasks, options.cache,
+                             executor, options.base, options.finetuned, log)
     timings: dict[str, float] = {}
     # Merges first, then the actors: evaluation actors hold their CPUs/GPUs for their whole
     # life, and merge tasks queued behind them would wait forever on a small cluster.
-    task_vectors, merges = _merge_methods(options, methods, suite_dir, tasks, executor, timings)
-    data: dict[str, TaskData] = {t: load_task(os.path.join(suite_dir, "tasks"), t,
-                                              ("val", "test")) for t in tasks}
-    pool = EvaluationPool(os.path.join(suite_dir, "pretrained"), data, options.engine,
-                          options.workers, options.device, address=options.address)
+    task_vectors, merges = _merge_methods(options, methods, task_set, executor, timings)
+    pool = task_set.pool(options.engine, options.workers, options.device, options.address,
+                         options.precision)
     try:
-        rows, sweeps = _sweep_methods(pool, options, methods, suite_dir, tasks, task_vectors,
-                                      timings, log)
+        rows, sweeps = _sweep_methods(pool, options, methods, task_set, task_vectors, timings,
+                                      log)
     finally:
         pool.close()
     timings["total"] = time.perf_counter() - t_start
-    summary = BenchSummary(suite=options.suite, suite_dir=suite_dir, tasks=tasks,
-                           num_tasks=len(tasks), rows=rows, sweeps=sweeps, merges=merges,
-                           evaluation=pool.describe(), early_stop=options.early_stop,
-                           timings_s=timings, versions=library_versions())
+    summary = BenchSummary(suite=task_set.name, suite_dir=task_set.manifest.location,
+                           manifest_digest=task_set.manifest.digest,
+                           tasks=task_set.task_names, num_tasks=len(task_set.tasks), rows=rows,
+                           sweeps=sweeps, merges=merges, evaluation=pool.describe(),
+                           early_stop=options.early_stop, timings_s=timings,
+                           versions=library_versions())
     write_results(options.out, summary)
     return summary
 
 
-def _merge_methods(options: BenchOptions, methods: list[MethodSpec], suite_dir: str,
-                   tasks: list[str], executor, timings: dict[str, float]
+def _merge_methods(options: BenchOptions, methods: list[MethodSpec], task_set: TaskSet,
+                   executor, timings: dict[str, float]
                    ) -> tuple[dict[str, str], dict[str, MergeCost]]:
     """Each method's merged task vector (computed once; the sweep only rescales it)."""
-    base = os.path.join(suite_dir, "pretrained")
-    finetuned = [os.path.join(suite_dir, "finetuned", t) for t in tasks]
+    base = task_set.base
+    finetuned = task_set.finetuned_checkpoints()
     task_vectors, merges = {}, {}
     for method in methods:
         t0 = time.perf_counter()
@@ -203,14 +272,16 @@ def _merge_methods(options: BenchOptions, methods: list[MethodSpec], suite_dir: 
 
 
 def _sweep_methods(pool: EvaluationPool, options: BenchOptions, methods: list[MethodSpec],
-                   suite_dir: str, tasks: list[str], task_vectors: dict[str, str],
+                   task_set: TaskSet, task_vectors: dict[str, str],
                    timings: dict[str, float], log: Callable[[str], None]
                    ) -> tuple[dict[str, MethodRow], dict[str, list[dict[str, Any]]]]:
     """The reference rows, then each method at the alpha its validation sweep chooses."""
     t0 = time.perf_counter()
-    refs = reference_rows(pool, suite_dir, tasks)
+    tasks = task_set.task_names
+    refs = reference_rows(pool, task_set)
     timings["references"] = time.perf_counter() - t0
-    ft_val, ft_test = refs["finetuned"]["val"], refs["finetuned"]["test"]
+    ft_val = finetuned_reference(refs, task_set, "val")
+    ft_test = finetuned_reference(refs, task_set, "test")
     rows = {name: _row(refs[name]["test"], ft_test, None) for name in refs}
     sweeps = {}
     for method in methods:

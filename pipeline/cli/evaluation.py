@@ -22,16 +22,26 @@ def _add_recording_options(p: argparse.ArgumentParser) -> None:
     add_history_option(p)
 
 
-def _add_suite_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", default="standard",
-                   help="built-in suite name (standard, tiny) or a built suite's directory")
-    p.add_argument("--tasks", type=int, help="use the suite's first N tasks (default: all)")
+def _add_suite_options(p: argparse.ArgumentParser, models: bool = True) -> None:
+    p.add_argument("--suite", help="built-in suite name (standard, tiny) or a built suite's "
+                                   "directory (default: standard, unless --tasks-file)")
+    p.add_argument("--tasks", type=int, help="use the first N tasks (default: all)")
+    if not models:
+        return
+    p.add_argument("--tasks-file", help="a task manifest (YAML): your tasks' data, splits and "
+                                        "heads, instead of a built-in suite")
+    p.add_argument("--base", help="theta_0 (default: the manifest's `base`)")
+    p.add_argument("--finetuned", action="extend", nargs="+", metavar="CHECKPOINT",
+                   help="one fine-tuned checkpoint per task, in the manifest's order "
+                        "(default: each task's `finetuned`)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="evaluation precision; bf16 autocast needs a GPU")
 
 
 def add_parsers(sub: Any) -> None:
     suite = sub.add_parser("suite", help="build (or find in the cache) a benchmark suite and "
                                          "print its directory")
-    _add_suite_options(suite)
+    _add_suite_options(suite, models=False)
     _add_cluster_options(suite)
     suite.set_defaults(func=cmd_suite)
 
@@ -81,26 +91,29 @@ def _executor(cluster: ClusterOptions):
     return RayExecutor(cluster.address, cluster.workers, device=cluster.device)
 
 
-def _pool_for(cluster: ClusterOptions, suite_dir: str, tasks: list[str],
-              splits: tuple[str, ...]):
-    from pipeline.evaluation.data import load_task
-    from pipeline.evaluation.pool import EvaluationPool
-    data = {t: load_task(os.path.join(suite_dir, "tasks"), t, splits) for t in tasks}
-    return EvaluationPool(os.path.join(suite_dir, "pretrained"), data, cluster.actor_engine,
-                          cluster.workers, cluster.device, address=cluster.address)
+def _task_set(args, cluster: ClusterOptions, log=print):
+    from pipeline.bench.runner import open_task_set
+    if args.suite and args.tasks_file:
+        raise InputError("give --suite or --tasks-file, not both")
+    return open_task_set(args.suite, args.tasks_file, args.tasks, args.cache,
+                         _executor(cluster), args.base, args.finetuned, log)
 
 
-def _suite(args, cluster: ClusterOptions) -> tuple[str, list[str]]:
-    from pipeline.bench.runner import suite_tasks
-    from pipeline.bench.suites.build import ensure_suite
-    suite_dir = ensure_suite(args.suite, args.cache, _executor(cluster))
-    return suite_dir, suite_tasks(suite_dir, args.tasks)
+def _pool_for(cluster: ClusterOptions, task_set, precision: str):
+    return task_set.pool(cluster.actor_engine, cluster.workers, cluster.device,
+                         cluster.address, precision)
 
 
 def cmd_suite(args) -> int:
-    suite_dir, tasks = _suite(args, cluster_options(vars(args)))
+    from pipeline.bench.suites.build import ensure_suite
+    from pipeline.bench.suites.export import MANIFEST_NAME
+    from pipeline.evaluation.manifest import load_manifest
+    cluster = cluster_options(vars(args))
+    suite_dir = ensure_suite(args.suite or "standard", args.cache, _executor(cluster))
+    manifest = load_manifest(os.path.join(suite_dir, MANIFEST_NAME))
     print(suite_dir)
-    print(f"tasks: {', '.join(tasks)}")
+    print(f"tasks: {', '.join(s.name for s in manifest.select(args.tasks))}")
+    print(f"manifest: {manifest.location}")
     return 0
 
 
@@ -114,31 +127,36 @@ def cmd_evaluate(args) -> int:
     weights = (Weights.model(args.model) if args.model else
                Weights.delta(args.task_vector, args.alpha) if args.task_vector else
                Weights.base())
-    suite_dir, tasks = _suite(args, cluster)
-    pool = _pool_for(cluster, suite_dir, tasks, ("val", "test"))
+    task_set = _task_set(args, cluster)
+    tasks = task_set.task_names
+    pool = _pool_for(cluster, task_set, args.precision)
     t0 = time.perf_counter()
     try:
         acc = accuracies(pool, [weights], tasks, args.split, "evaluate")[0]
-        finetuned = reference_rows(pool, suite_dir, tasks)["finetuned"][args.split]
+        known = reference_rows(pool, task_set)["finetuned"].get(args.split, {})
     finally:
         pool.close()
+    finetuned = known if all(t in known for t in tasks) else None
     result = {"weights": weights.describe(), "split": args.split, "accuracy": acc,
-              "absolute": absolute(acc), "normalized": normalized(acc, finetuned),
-              "finetuned": finetuned}
+              "absolute": absolute(acc),
+              "normalized": normalized(acc, finetuned) if finetuned else None,
+              "finetuned": finetuned, "manifest": task_set.manifest.location,
+              "manifest_digest": task_set.manifest.digest}
     for t in tasks:
-        print(f"{t:14s} {100 * acc[t]:6.1f}%   (fine-tuned {100 * finetuned[t]:.1f}%)")
-    print(f"{'mean':14s} {100 * result['absolute']:6.1f}%   normalized "
-          f"{100 * result['normalized']:.1f}%")
+        reference = f"   (fine-tuned {100 * known[t]:.1f}%)" if t in known else ""
+        print(f"{t:14s} {100 * acc[t]:6.1f}%{reference}")
+    norm = f"   normalized {100 * result['normalized']:.1f}%" if finetuned else ""
+    print(f"{'mean':14s} {100 * result['absolute']:6.1f}%{norm}")
     _maybe_write(args.json, result)
     from pipeline.history.rows import evaluation_rows
     record(args.history, "evaluate", lambda ctx: evaluation_rows(
-        ctx, args.suite, suite_dir, weights.describe(), args.split,
+        ctx, task_set, weights.describe(), args.split,
         args.alpha if args.task_vector else None, acc, finetuned, time.perf_counter() - t0))
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from pipeline.bench.runner import reference_rows, sweep_task_vector
+    from pipeline.bench.runner import finetuned_reference, reference_rows, sweep_task_vector
     from pipeline.evaluation.search import normalized
     from pipeline.methods.registry import SVD_ALPHA_GRID, get_method
     if args.grid:
@@ -153,23 +171,25 @@ def cmd_sweep(args) -> int:
         if not grid:
             raise InputError(f"method {args.method!r} fixes alpha; nothing to sweep")
     cluster = cluster_options(vars(args))
-    suite_dir, tasks = _suite(args, cluster)
-    pool = _pool_for(cluster, suite_dir, tasks, ("val", "test"))
+    task_set = _task_set(args, cluster)
+    pool = _pool_for(cluster, task_set, args.precision)
     t0 = time.perf_counter()
     try:
-        refs = reference_rows(pool, suite_dir, tasks)
-        result = sweep_task_vector(pool, args.task_vector, tasks, grid,
-                                   refs["finetuned"]["val"], args.early_stop)
+        refs = reference_rows(pool, task_set)
+        ft_val = finetuned_reference(refs, task_set, "val")
+        ft_test = finetuned_reference(refs, task_set, "test")
+        result = sweep_task_vector(pool, args.task_vector, task_set.task_names, grid, ft_val,
+                                   args.early_stop)
     finally:
         pool.close()
-    result["test_normalized"] = normalized(result["test"], refs["finetuned"]["test"])
+    result["test_normalized"] = normalized(result["test"], ft_test)
     print(f"chosen alpha {result['alpha']:g} (of {len(result['sweep'])} evaluated); test "
           f"normalized accuracy {100 * result['test_normalized']:.1f}%")
     _maybe_write(args.json, result)
     from pipeline.history.rows import evaluation_rows
     record(args.history, "sweep", lambda ctx: evaluation_rows(
-        ctx, args.suite, suite_dir, args.method or args.task_vector, "test", result["alpha"],
-        result["test"], refs["finetuned"]["test"], time.perf_counter() - t0))
+        ctx, task_set, args.method or args.task_vector, "test", result["alpha"],
+        result["test"], ft_test, time.perf_counter() - t0))
     return 0
 
 
@@ -184,8 +204,12 @@ def cmd_bench(args) -> int:
         params.setdefault(method, {}).update(parse_params([assignment]))
     methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
     cluster = cluster_options(vars(args))
+    if args.suite and args.tasks_file:
+        raise InputError("give --suite or --tasks-file, not both")
     summary = run_bench(BenchOptions(
-        suite=args.suite, tasks=args.tasks, methods=methods, out=args.out,
+        suite=args.suite or "standard", tasks_file=args.tasks_file, base=args.base,
+        finetuned=args.finetuned or (), precision=args.precision,
+        tasks=args.tasks, methods=methods, out=args.out,
         engine=cluster.actor_engine, workers=cluster.workers, address=cluster.address,
         device=cluster.device,
         early_stop=args.early_stop, cache=args.cache, overwrite=args.overwrite, params=params))

@@ -41,6 +41,9 @@ def add_parsers(sub: Any) -> None:
     nightly.add_argument("--report", help="where to write the HTML report")
     nightly.add_argument("--work-dir", help="where each run's bench outputs go")
     nightly.add_argument("--suites", help="comma-separated suite names or directories")
+    nightly.add_argument("--tasks-file", action="extend", nargs="+", dest="tasks_files",
+                         metavar="MANIFEST", help="task manifest(s) to benchmark as well as "
+                                                  "(or, without --suites, instead of) suites")
     nightly.add_argument("--tasks", help="comma-separated task counts")
     nightly.add_argument("--methods", help="comma-separated methods")
     add_options(nightly, ClusterOptions)
@@ -72,7 +75,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         given["engine"] = cluster.actor_engine
     config = load_nightly_config(
         args.config, history=args.history, report=args.report, work_dir=args.work_dir,
-        suites=_csv(args.suites), task_counts=tasks, methods=_csv(args.methods),
+        suites=_csv(args.suites), tasks_files=args.tasks_files, task_counts=tasks,
+        methods=_csv(args.methods),
         cache=args.cache, **given)
     return run_nightly(config).exit_code
 

@@ -3,29 +3,54 @@
 The same class runs in-process and as a Ray actor (`pool.py` wraps it), which is what makes
 "actor-pool counts equal single-process counts" a property of the code, not of luck: both run
 this method over the same fixed batches with the same thread count.
+
+A work item names only (weights, task, split, row range): the evaluator reads those rows
+itself (parquet row groups by byte range, through pyarrow's filesystems), and a background
+thread decodes and preprocesses the next batch while the model runs on this one, so the model
+does not wait on JPEG decoding and the driver never holds images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import queue
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
+from pipeline.evaluation.datasets import read_examples
+from pipeline.evaluation.heads import Head
+from pipeline.evaluation.preprocess import Preprocess
+from pipeline.evaluation.tasks import EvalTask
+from pipeline.io import storage
 from pipeline.io.reader import open_checkpoint
-from pipeline.models.vit import ClipVisionTower, VisionConfig, pixels_from_uint8
-from pipeline.models.weights import Weights, aligned, load_state, parameters
+from pipeline.models.loading import (
+    IDENTITY_PROJECTION,
+    PROJECTION_KEY,
+    canonical_tensors,
+    load_vision,
+)
+from pipeline.models.vit import ClipVisionTower, VisionConfig
+from pipeline.models.weights import Weights, aligned, parameters
 
 # Fixed evaluation batch: shards are whole batches, so a shard's logits never depend on which
 # worker (or how many) computed it.
 EVAL_BATCH = 100
+# Batches decoded ahead of the model: enough to hide decoding jitter, few enough to bound
+# memory (a ViT-L batch of 100 uint8 images at 224 px is 15 MB).
+PREFETCH_BATCHES = 2
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
 class RowRange:
-    """Rows [start, stop) of one task split, with its frozen head."""
+    """Positions [start, stop) of one task split's rows."""
 
     task: str
     split: str
@@ -33,40 +58,77 @@ class RowRange:
     stop: int
 
 
-def read_tensors(location: str) -> dict[str, torch.Tensor]:
-    with open_checkpoint(location) as ckpt:
-        return {k: ckpt.read(k) for k in ckpt.keys()}
+def preprocessing(setting: str, base: str, config: VisionConfig) -> Preprocess:
+    """The manifest's `preprocess`: CLIP's evaluation transform at the model's input size
+    ("clip"), a `preprocessor_config.json` (a path), or "auto": the base model directory's own
+    `preprocessor_config.json` when it has one, CLIP's transform otherwise."""
+    if setting == "clip":
+        return Preprocess.clip(config.image_size)
+    if setting == "auto":
+        candidate = storage.join(base, "preprocessor_config.json")
+        if not storage.exists(candidate):
+            return Preprocess.clip(config.image_size)
+        setting = candidate
+    return Preprocess.from_preprocessor_config(setting)
 
 
 class Evaluator:
     """Holds theta_0 once; evaluates (weights, shard) work items."""
 
-    def __init__(self, base: str, device: str = "cpu", threads: int = 1,
+    def __init__(self, base: str, tasks: Mapping[str, EvalTask] | None = None,
+                 preprocess: str = "auto",
+                 device: str = "cpu", threads: int = 1, precision: str = "fp32",
                  cache_size: int = 2):
         self.device = torch.device(device)
         self.threads = threads
         torch.set_num_threads(threads)
-        config = VisionConfig.from_model_dir(base)
-        self.model = ClipVisionTower(config)
+        if precision not in PRECISIONS:
+            raise InputError(f"evaluation precision must be one of {PRECISIONS}")
+        if precision == "bf16" and self.device.type != "cuda":
+            raise InputError("bf16 evaluation is a GPU option (autocast on CUDA)")
+        self.precision = precision
+        loaded = load_vision(base)
+        self.config = loaded.config
+        # A vision model saved without projection evaluates with an identity one (exact); its
+        # task vectors have no projection key, which is a zero change to that identity.
+        self._identity_projection = loaded.layout.endswith(IDENTITY_PROJECTION)
+        self.model = ClipVisionTower(loaded.config)
         self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' typing
-        stored = read_tensors(base)
-        load_state(self.model, stored, base)
         self.params = parameters(self.model)
+        with torch.no_grad():
+            for key, value in aligned(self.params, loaded.tensors, base).items():
+                self.params[key].copy_(value)
         self.theta0 = {k: v.detach().clone() for k, v in self.params.items()}
         self.current = Weights.base()
+        self.tasks = dict(tasks or {})
+        for task in self.tasks.values():
+            if task.head.dim != loaded.config.projection_dim:
+                raise InputError(f"task {task.name!r}: {task.head_origin}: the head takes "
+                                 f"{task.head.dim}-dim embeddings, the model at {base} makes "
+                                 f"{loaded.config.projection_dim}")
+        self.heads = {name: _on(task.head, self.device) for name, task in self.tasks.items()}
+        self.preprocess = preprocessing(preprocess, base, loaded.config)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _stored(self, path: str) -> dict[str, torch.Tensor]:
-        """The tensors at `path`, keyed like the model; a few kept (LRU) across items."""
-        if path in self._cache:
-            self._cache.move_to_end(path)
-            return self._cache[path]
-        tensors = aligned(self.params, read_tensors(path), path)
-        self._cache[path] = tensors
+    def _stored(self, weights: Weights) -> dict[str, torch.Tensor]:
+        """The tensors of `weights`, keyed like the model; a few kept (LRU) across items."""
+        if weights.path in self._cache:
+            self._cache.move_to_end(weights.path)
+            return self._cache[weights.path]
+        if weights.kind == "model":
+            tensors = load_vision(weights.path, self.config).tensors
+        else:  # a task vector: the layout of its inputs, without config or buffers
+            with open_checkpoint(weights.path) as ckpt:
+                stored = {k: ckpt.read(k) for k in ckpt.keys()}
+            tensors = canonical_tensors(stored, weights.path)[0]
+            if self._identity_projection and PROJECTION_KEY not in tensors:
+                tensors[PROJECTION_KEY] = torch.zeros_like(self.params[PROJECTION_KEY])
+        tensors = aligned(self.params, tensors, weights.path)
+        self._cache[weights.path] = tensors
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return tensors
@@ -79,33 +141,100 @@ class Evaluator:
             for key, param in self.params.items():
                 param.copy_(self.theta0[key])
         elif weights.kind == "delta":
-            tau = self._stored(weights.path)
+            tau = self._stored(weights)
             for key, param in self.params.items():
                 if param.is_floating_point():
                     torch.add(self.theta0[key], tau[key], alpha=weights.alpha, out=param)
         elif weights.kind == "model":
-            for key, value in self._stored(weights.path).items():
+            for key, value in self._stored(weights).items():
                 self.params[key].copy_(value)
         else:
             raise ValueError(f"unknown weights kind {weights.kind!r}")
         self.current = weights
 
     @torch.inference_mode()
-    def count(self, weights: Weights, shard: RowRange,
-              split: tuple[np.ndarray, np.ndarray, torch.Tensor]) -> tuple[int, int]:
-        """(correct, total) of top-1 predictions on the shard's rows of `split`
-        (images, labels, head)."""
+    def count(self, weights: Weights, shard: RowRange) -> tuple[int, int]:
+        """(correct, total) of top-1 predictions on the shard's rows."""
         torch.set_num_threads(self.threads)  # a reused Ray worker keeps its last setting
         self.set_weights(weights)
-        images = split[0][shard.start:shard.stop]
-        labels = split[1][shard.start:shard.stop]
-        head = split[2].to(self.device)
-        correct = 0
-        for i in range(0, len(labels), EVAL_BATCH):
-            x = pixels_from_uint8(torch.tensor(images[i:i + EVAL_BATCH]))
-            embeds = self.model.embed(x.to(self.device))
-            # Argmax of the cosine logits; the positive scale cannot change it.
-            pred = (torch.nn.functional.normalize(embeds, dim=-1) @ head.T).argmax(-1).cpu()
-            correct += int((pred == torch.tensor(labels[i:i + EVAL_BATCH]))
-                           .sum())
-        return correct, int(len(labels))
+        head = self.heads[shard.task]
+        correct = total = 0
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.precision == "bf16")
+        for pixels, labels in self._batches(shard):
+            x = pixels.to(self.device, non_blocking=True)
+            with autocast:
+                embeds = self.model.embed(self.preprocess.normalize_batch(x))
+            pred = head.logits(embeds).argmax(-1).cpu()
+            correct += int((pred == labels).sum())
+            total += len(labels)
+        return correct, total
+
+    def _batches(self, shard: RowRange) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed batches of the shard's rows as (uint8 pixels, labels), decoded ahead in a
+        background thread; its errors re-raised here, and it stops when this generator is
+        closed early."""
+        task = self.tasks[shard.task]
+        rows = task.splits[shard.split].rows_between(shard.start, shard.stop)
+        source = task.splits[shard.split].source
+        classes = task.head.num_classes
+        ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        stop = threading.Event()
+        pin = self.device.type == "cuda"
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                images: list[np.ndarray] = []
+                labels: list[int] = []
+                for example in read_examples(source, rows):
+                    if not 0 <= example.label < classes:
+                        raise InputError(f"task {task.name!r}: {example.origin}: label "
+                                         f"{example.label} is outside the head's {classes} "
+                                         f"classes ({task.head_origin})")
+                    try:
+                        images.append(self.preprocess.decode(example.image, example.origin))
+                    except InputError as exc:
+                        raise InputError(f"task {task.name!r}: {exc}") from None
+                    labels.append(example.label)
+                    if len(labels) == EVAL_BATCH:
+                        if not put(_batch(images, labels, pin)):
+                            return
+                        images, labels = [], []
+                if labels and not put(_batch(images, labels, pin)):
+                    return
+                put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                put(exc)
+
+        worker = threading.Thread(target=produce, name="eval-decode", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+
+def _on(head: Head, device: torch.device) -> Head:
+    bias = None if head.bias is None else head.bias.to(device)
+    return dataclasses.replace(head, weight=head.weight.to(device), bias=bias)
+
+
+def _batch(images: list[np.ndarray], labels: list[int], pin: bool
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.from_numpy(np.stack(images))
+    return (pixels.pin_memory() if pin else pixels), torch.tensor(labels, dtype=torch.int64)

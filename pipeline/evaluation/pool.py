@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.data import TaskData
 from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, RowRange
+from pipeline.evaluation.tasks import EvalTask
 from pipeline.models.weights import Weights
 from pipeline.runtime.executors import choose_device, progress, ray_slots, stream_results
 from pipeline.runtime.ray_cluster import connect
@@ -30,21 +30,20 @@ def plan_shards(task: str, split: str, rows: int, shard_rows: int = SHARD_ROWS) 
 
 
 class EvaluationPool:
-    def __init__(self, base: str, tasks: dict[str, TaskData], engine: str = "ray",
+    def __init__(self, base: str, tasks: Sequence[EvalTask], engine: str = "ray",
                  workers: int | None = None, device: str = "auto", threads: int = 1,
                  gpus_per_actor: float = 1.0, address: str | None = None,
-                 shard_rows: int = SHARD_ROWS):
-        self.tasks = tasks
+                 shard_rows: int = SHARD_ROWS, preprocess: str = "auto",
+                 precision: str = "fp32"):
+        self.tasks = {t.name: t for t in tasks}
         self.shard_rows = shard_rows
         self.engine = engine
+        self.precision = precision
         if engine == "local":
             import torch
             dev = choose_device(device, torch.cuda.is_available())
-            self._local = Evaluator(base, dev, threads)
+            self._local = Evaluator(base, self.tasks, preprocess, dev, threads, precision)
             self.workers, self.device = 1, dev
-            # In-process: the split data itself; on Ray: object refs to it (put once).
-            self._data: dict[tuple[str, str], Any] = {
-                (t, s): (*d.splits[s], d.head) for t, d in tasks.items() for s in d.splits}
             return
         import ray
 
@@ -55,14 +54,16 @@ class EvaluationPool:
         self.workers = max(1, min(workers or available, available or 1))
         actor_cls = ray.remote(Evaluator).options(max_restarts=MAX_RESTARTS,
                                                   max_task_retries=MAX_RESTARTS, **options)
-        self.actors: list[Any] = [actor_cls.remote(base, self.device, threads)
+        # The tasks (heads, row plans: no images) go to the object store once for all actors.
+        tasks_ref = ray.put(self.tasks)
+        self.actors: list[Any] = [actor_cls.remote(base, tasks_ref, preprocess, self.device,
+                                                   threads, precision)
                                   for _ in range(self.workers)]
-        self._data = {(t, s): ray.put((*d.splits[s], d.head)) for t, d in tasks.items()
-                      for s in d.splits}
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, "evaluators": self.workers, "device": self.device,
-                "shard_rows": self.shard_rows, "batch": EVAL_BATCH}
+                "shard_rows": self.shard_rows, "batch": EVAL_BATCH,
+                "precision": self.precision}
 
     def actor_pids(self) -> list[int]:
         import ray
@@ -75,7 +76,7 @@ class EvaluationPool:
         for r, (weights, task, split) in enumerate(requests):
             if task not in self.tasks or split not in self.tasks[task].splits:
                 raise PipelineError(f"no data for task {task!r} split {split!r}")
-            rows = len(self.tasks[task].splits[split][1])
+            rows = self.tasks[task].splits[split].num_rows
             items += [(r, weights, shard) for shard in plan_shards(task, split, rows,
                                                                    self.shard_rows)]
         totals = [[0, 0] for _ in requests]
@@ -88,7 +89,7 @@ class EvaluationPool:
     def _run(self, items, bar):
         if self.engine == "local":
             for r, weights, shard in items:
-                yield r, self._local.count(weights, shard, self._data[(shard.task, shard.split)])
+                yield r, self._local.count(weights, shard)
                 bar.update(1)
             return
         queue = list(items)
@@ -103,8 +104,7 @@ class EvaluationPool:
             pick = next((i for i, it in enumerate(queue) if it[1] == holding[a]), 0)
             r, weights, shard = queue.pop(pick)
             holding[a] = weights
-            ref = self.actors[a].count.remote(weights, shard,
-                                              self._data[(shard.task, shard.split)])
+            ref = self.actors[a].count.remote(weights, shard)
             return ref, (a, r)
 
         for (a, r), counts in stream_results(submit_next, len(self.actors), bar,

@@ -36,7 +36,10 @@ class NightlyConfig:
     history: str
     report: str
     work_dir: str
-    suites: list[str] = field(default_factory=lambda: ["standard"])
+    suites: list[str] | None = None  # default: ["standard"], or none when tasks_files given
+    # Task manifests (the users' own tasks), benchmarked like suites; the fine-tuned
+    # checkpoints and base come from each manifest.
+    tasks_files: list[str] = field(default_factory=list)
     task_counts: list[int | None] = field(default_factory=lambda: [8])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -49,12 +52,21 @@ class NightlyConfig:
     device: str = "auto"
     cache: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.suites is None:
+            self.suites = [] if self.tasks_files else ["standard"]
+
     def validate(self) -> None:
         for name in ("history", "report", "work_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InputError(f"nightly config needs {name!r} (a path)")
-        if not self.suites or not all(isinstance(s, str) and s for s in self.suites):
-            raise InputError(f"suites must be a non-empty list of names, got {self.suites!r}")
+        for name in ("suites", "tasks_files"):
+            entries = getattr(self, name)
+            if not isinstance(entries, list) or not all(isinstance(s, str) and s
+                                                        for s in entries):
+                raise InputError(f"{name} must be a list of names or paths, got {entries!r}")
+        if not self.suites and not self.tasks_files:
+            raise InputError("nothing to benchmark: give suites or tasks_files")
         if not self.task_counts or not all(t is None or (isinstance(t, int) and t >= 1)
                                            for t in self.task_counts):
             raise InputError(f"task_counts must be positive integers (null: all the suite's "
@@ -106,19 +118,24 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
     ctx = RunContext(kind="bench")
     run_dir = storage.join(config.work_dir, ctx.run_id)
     log(f"nightly run {ctx.run_id} (commit {ctx.git_commit[:12]}): "
-        f"{len(config.suites)} suite(s) x {len(config.task_counts)} task count(s) x "
+        f"{len(config.suites or []) + len(config.tasks_files)} suite(s) x "
+        f"{len(config.task_counts)} task count(s) x "
         f"{len(config.methods)} method(s)")
     rows: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
-    for suite in config.suites:
+    sources = [(s, None) for s in config.suites or []] + [(None, f) for f in config.tasks_files]
+    for suite, tasks_file in sources:
         for count in config.task_counts:
-            label = f"{os.path.basename(os.path.normpath(suite))}-T{count or 'all'}"
+            name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0] if tasks_file \
+                else os.path.basename(os.path.normpath(str(suite)))
+            label = f"{name}-T{count or 'all'}"
             out = storage.join(run_dir, label)
             log(f"[{label}]")
             try:
                 summary = run_bench(BenchOptions(
-                    suite=suite, tasks=count, methods=config.methods, out=out,
+                    suite=suite or "standard", tasks_file=tasks_file, tasks=count,
+                    methods=config.methods, out=out,
                     engine=config.engine, workers=config.workers, address=config.address,
                     device=config.device, early_stop=config.early_stop, cache=config.cache,
                     params=config.params), log)

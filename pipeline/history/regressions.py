@@ -2,7 +2,8 @@
 
 The baseline of a measurement is the median over the last `window` earlier runs that made it:
 one noisy night neither raises an alarm by itself nor, as a baseline, hides the next real drop.
-Only like is compared with like: accuracy within the same suite, task count, method, parameters
+Only like is compared with like: accuracy within the same suite and task data (the
+manifest's digest), task count, method, parameters
 and model; merge time additionally on the same hardware, since seconds on another machine say
 nothing about the code.
 """
@@ -19,7 +20,8 @@ import pyarrow as pa
 from pipeline.errors import InputError
 from pipeline.history.store import MEAN
 
-ACCURACY_KEY = ("kind", "suite", "model", "num_tasks", "method", "params", "task")
+ACCURACY_KEY = ("kind", "suite", "manifest_digest", "model", "num_tasks", "method", "params",
+                "task")
 TIME_KEY = ACCURACY_KEY + ("hardware",)
 
 

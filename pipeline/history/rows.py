@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.bench.runner import BenchSummary
+from pipeline.bench.runner import BenchSummary, TaskSet
 from pipeline.engine.records import MergeReport
 from pipeline.history.store import MEAN, git_commit, hardware, new_run_id, params_json
 
@@ -49,13 +49,14 @@ def _accuracy_rows(ctx: RunContext, common: dict[str, Any], test: dict[str, floa
 def bench_rows(ctx: RunContext, summary: BenchSummary) -> list[dict[str, Any]]:
     """Every method's (and the zero-shot and fine-tuned references') test accuracy, with the
     method's merge and sweep times."""
-    model = os.path.basename(os.path.normpath(summary.suite_dir))
+    model = _model_name(summary.suite_dir)
     finetuned = {t: v.absolute for t, v in summary.rows["finetuned"].per_task.items()}
     rows = []
     for method, row in summary.rows.items():
         merge = summary.merges.get(method)
         common = {"method": method, "params": params_json(merge.params if merge else None),
-                  "suite": summary.suite, "model": model,
+                  "suite": summary.suite, "manifest_digest": summary.manifest_digest,
+                  "model": model,
                   "model_params": merge.model_parameters if merge else None,
                   "num_tasks": summary.num_tasks, "alpha": row.alpha, "split": "test",
                   "merge_seconds": merge.seconds if merge else None,
@@ -74,13 +75,20 @@ def merge_rows(ctx: RunContext, report: MergeReport, base: str) -> list[dict[str
                     peak_memory_bytes=report.engine.peak_worker_rss_bytes)]
 
 
-def evaluation_rows(ctx: RunContext, suite: str, suite_dir: str, method: str, split: str,
+def evaluation_rows(ctx: RunContext, task_set: TaskSet, method: str, split: str,
                     alpha: float | None, accuracy: dict[str, float],
                     finetuned: dict[str, float] | None, eval_seconds: float
                     ) -> list[dict[str, Any]]:
     """`evaluate` and `sweep` results: per-task accuracy of one set of weights."""
-    common = {"method": method, "params": params_json(None), "suite": suite,
-              "model": os.path.basename(os.path.normpath(suite_dir)),
+    common = {"method": method, "params": params_json(None), "suite": task_set.name,
+              "manifest_digest": task_set.manifest.digest,
+              "model": _model_name(task_set.manifest.location),
               "num_tasks": len(accuracy), "alpha": alpha, "split": split,
               "eval_seconds": eval_seconds}
     return _accuracy_rows(ctx, common, accuracy, finetuned)
+
+
+def _model_name(manifest_location: str) -> str:
+    """What a run measured, in a word: the directory holding its manifest (a built-in suite's
+    build directory names its spec's digest)."""
+    return os.path.basename(os.path.dirname(os.path.normpath(manifest_location)))

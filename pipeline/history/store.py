@@ -41,6 +41,7 @@ ROW_SCHEMA = pa.schema([
     ("method", pa.string()),          # a merge method, or zero_shot / finetuned reference rows
     ("params", pa.string()),          # the method's parameters, JSON with sorted keys
     ("suite", pa.string()),
+    ("manifest_digest", pa.string()),  # sha256 of the task manifest: which data was measured
     ("model", pa.string()),           # base checkpoint (or suite model) it was run on
     ("model_params", pa.int64()),     # parameter count: merge time is read against it
     ("task", pa.string()),            # a task name, or "mean" for the mean over tasks

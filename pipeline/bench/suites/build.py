@@ -5,8 +5,10 @@ Layout of a built suite directory:
     suite.json                  the spec it was built from, task descriptions, build timings
     pretrained/                 config.json + model.safetensors (theta_0)
     finetuned/<task>/           config.json + model.safetensors (theta_t)
-    tasks/<task>.safetensors    head (C x projection_dim), {train,val,test}.images (uint8),
-                                {train,val,test}.labels; metadata: classes, logit_scale
+    tasks/<task>.safetensors    training data: head (C x projection_dim), train.images (uint8),
+                                train.labels; metadata: classes, logit_scale
+    manifest.yaml, eval/, heads/ the evaluation side in the users' format (`export.py`): the
+                                suite is evaluated through its manifest like any user's tasks
 
 The directory name carries a digest of the spec, so a changed spec never reuses a stale build,
 and it appears atomically (built in a staging directory, then renamed), so concurrent builders
@@ -27,19 +29,19 @@ import numpy as np
 import torch
 
 from pipeline.bench.suites import training
+from pipeline.bench.suites.export import export_suite
 from pipeline.bench.suites.tasks import SPLITS, TASKS, make_split
 from pipeline.errors import InputError
-from pipeline.evaluation.data import load_task
 from pipeline.io import storage
 from pipeline.io.output import open_staged_output, write_json_atomic
 from pipeline.io.reader import open_checkpoint
-from pipeline.io.safetensors_io import write_safetensors
+from pipeline.io.safetensors_io import SafetensorsFile, write_safetensors
 from pipeline.models.vit import ClipVisionTower, VisionConfig, init_clip_weights
 from pipeline.models.weights import load_state, parameters
 from pipeline.runtime.executors import LocalExecutor
 
 # Bump when the meaning of a spec changes (generators, training code), to invalidate caches.
-SUITE_FORMAT = 2  # 2: built with transformers' CLIPVisionModelWithProjection
+SUITE_FORMAT = 3  # 2: transformers' CLIPVisionModelWithProjection; 3: exported manifest
 # Training runs with fixed thread counts so that a build is reproducible on a machine:
 # pre-training in the driver, fine-tuning in one (parallel) job per task.
 PRETRAIN_THREADS = 2
@@ -183,12 +185,17 @@ def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[s
 
             t0 = time.perf_counter()
             os.makedirs(out.file("tasks"))
+            heads = {}
             for t in spec.tasks:
                 images, labels = data[t]["train"]
-                head = training.zero_shot_head(model, images, labels, len(TASKS[t].classes))
-                _write_task(out.file(f"tasks/{t}.safetensors"), t, head, spec.logit_scale,
-                            data[t])
+                heads[t] = training.zero_shot_head(model, images, labels, len(TASKS[t].classes))
+                _write_task(out.file(f"tasks/{t}.safetensors"), t, heads[t], spec.logit_scale,
+                            images, labels)
             timings["heads"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            export_suite(out.path, spec.tasks, {t: TASKS[t].classes for t in spec.tasks},
+                         heads, spec.logit_scale, data)
+            timings["export"] = time.perf_counter() - t0
         finally:
             torch.set_num_threads(threads)
 
@@ -215,9 +222,11 @@ def finetune_task(staging: str, spec: SuiteSpec, task: str) -> dict[str, float]:
     """One fine-tuning job (a Ray task when the executor is Ray): theta_0 -> theta_task."""
     torch.set_num_threads(FINETUNE_THREADS)
     model = load_model(os.path.join(staging, "pretrained"))
-    data = load_task(os.path.join(staging, "tasks"), task, splits=("train",))
+    with SafetensorsFile(os.path.join(staging, "tasks", f"{task}.safetensors")) as f:
+        head, logit_scale = f.read("head"), float(f.metadata["logit_scale"])
+        images, labels = f.read("train.images").numpy(), f.read("train.labels").numpy()
     seed = spec.seed * 1000 + spec.tasks.index(task) + 1
-    losses = training.finetune(model, data.head, data.logit_scale, *data.splits["train"],
+    losses = training.finetune(model, head, logit_scale, images, labels,
                                spec.finetune_steps, spec.batch, spec.finetune_lr, seed)
     save_model(model, os.path.join(staging, "finetuned", task))
     return {"final_loss": float(np.mean(losses[-10:]))}
@@ -231,10 +240,10 @@ def load_model(directory: str) -> ClipVisionTower:
 
 
 def _write_task(path: str, task: str, head: torch.Tensor, logit_scale: float,
-                splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    tensors = {"head": head.float().contiguous()}
-    for split, (images, labels) in splits.items():
-        tensors[f"{split}.images"] = torch.from_numpy(np.ascontiguousarray(images))
-        tensors[f"{split}.labels"] = torch.from_numpy(np.ascontiguousarray(labels))
+                images: np.ndarray, labels: np.ndarray) -> None:
+    """A task's training side: what fine-tuning reads."""
+    tensors = {"head": head.float().contiguous(),
+               "train.images": torch.from_numpy(np.ascontiguousarray(images)),
+               "train.labels": torch.from_numpy(np.ascontiguousarray(labels))}
     write_safetensors(path, tensors, {"task": task, "logit_scale": repr(logit_scale),
                                       "classes": json.dumps(list(TASKS[task].classes))})
