@@ -110,6 +110,8 @@ class Evaluator:
         self.preprocess = preprocessing(preprocess, base, loaded.config)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
+        # A Ray actor may run two calls at once (one decoding ahead): the model is one.
+        self._model_lock = threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
@@ -152,81 +154,98 @@ class Evaluator:
             raise ValueError(f"unknown weights kind {weights.kind!r}")
         self.current = weights
 
-    @torch.inference_mode()
     def count(self, weights: Weights, shard: RowRange) -> tuple[int, int]:
-        """(correct, total) of top-1 predictions on the shard's rows."""
-        torch.set_num_threads(self.threads)  # a reused Ray worker keeps its last setting
-        self.set_weights(weights)
-        head = self.heads[shard.task]
-        correct = total = 0
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.precision == "bf16")
-        for pixels, labels in self._batches(shard):
-            x = pixels.to(self.device, non_blocking=True)
-            with autocast:
-                embeds = self.model.embed(self.preprocess.normalize_batch(x))
-            pred = head.logits(embeds).argmax(-1).cpu()
-            correct += int((pred == labels).sum())
-            total += len(labels)
-        return correct, total
+        """(correct, total) of top-1 predictions on the shard's rows.
 
-    def _batches(self, shard: RowRange) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Fixed batches of the shard's rows as (uint8 pixels, labels), decoded ahead in a
-        background thread; its errors re-raised here, and it stops when this generator is
-        closed early."""
-        task = self.tasks[shard.task]
-        rows = task.splits[shard.split].rows_between(shard.start, shard.stop)
-        source = task.splits[shard.split].source
-        classes = task.head.num_classes
-        ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
-        stop = threading.Event()
-        pin = self.device.type == "cuda"
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                images: list[np.ndarray] = []
-                labels: list[int] = []
-                for example in read_examples(source, rows):
-                    if not 0 <= example.label < classes:
-                        raise InputError(f"task {task.name!r}: {example.origin}: label "
-                                         f"{example.label} is outside the head's {classes} "
-                                         f"classes ({task.head_origin})")
-                    try:
-                        images.append(self.preprocess.decode(example.image, example.origin))
-                    except InputError as exc:
-                        raise InputError(f"task {task.name!r}: {exc}") from None
-                    labels.append(example.label)
-                    if len(labels) == EVAL_BATCH:
-                        if not put(_batch(images, labels, pin)):
-                            return
-                        images, labels = [], []
-                if labels and not put(_batch(images, labels, pin)):
-                    return
-                put(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                put(exc)
-
-        worker = threading.Thread(target=produce, name="eval-decode", daemon=True)
-        worker.start()
+        Decoding starts at once, before the model is free: on a Ray actor that takes two calls
+        at a time, the next shard is read and decoded while this one runs on the model."""
+        batches = _DecodeAhead(self, shard)
         try:
-            while True:
-                item = ready.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            with self._model_lock, torch.inference_mode():
+                torch.set_num_threads(self.threads)  # a reused Ray worker keeps its setting
+                self.set_weights(weights)
+                head = self.heads[shard.task]
+                correct = total = 0
+                autocast = torch.autocast("cuda", torch.bfloat16,
+                                          enabled=self.precision == "bf16")
+                for pixels, labels in batches:
+                    x = pixels.to(self.device, non_blocking=True)
+                    with autocast:
+                        embeds = self.model.embed(self.preprocess.normalize_batch(x))
+                    pred = head.logits(embeds).argmax(-1).cpu()
+                    correct += int((pred == labels).sum())
+                    total += len(labels)
+            return correct, total
         finally:
-            stop.set()
-            worker.join()
+            batches.close()
+
+
+class _DecodeAhead:
+    """Fixed batches of a shard's rows as (uint8 pixels, labels), read and decoded by a
+    background thread up to PREFETCH_BATCHES ahead of the model (PIL releases the GIL while
+    decoding and resizing, as torch does while computing). Its errors are re-raised in the
+    consumer; `close()` stops it early."""
+
+    def __init__(self, evaluator: Evaluator, shard: RowRange):
+        task = evaluator.tasks[shard.task]
+        self._task = task
+        self._split = task.splits[shard.split]
+        self._rows = self._split.rows_between(shard.start, shard.stop)
+        self._preprocess = evaluator.preprocess
+        self._pin = evaluator.device.type == "cuda"
+        self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="eval-decode", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            item = self._ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        task, classes = self._task, self._task.head.num_classes
+        try:
+            images: list[np.ndarray] = []
+            labels: list[int] = []
+            for example in read_examples(self._split.source, self._rows):
+                if self._stop.is_set():
+                    return
+                if not 0 <= example.label < classes:
+                    raise InputError(f"task {task.name!r}: {example.origin}: label "
+                                     f"{example.label} is outside the head's {classes} "
+                                     f"classes ({task.head_origin})")
+                try:
+                    images.append(self._preprocess.decode(example.image, example.origin))
+                except InputError as exc:
+                    raise InputError(f"task {task.name!r}: {exc}") from None
+                labels.append(example.label)
+                if len(labels) == EVAL_BATCH:
+                    if not self._put(_batch(images, labels, self._pin)):
+                        return
+                    images, labels = [], []
+            if labels and not self._put(_batch(images, labels, self._pin)):
+                return
+            self._put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(exc)
 
 
 def _on(head: Head, device: torch.device) -> Head:

@@ -20,20 +20,33 @@ from pipeline.runtime.executors import choose_device, progress, ray_slots, strea
 from pipeline.runtime.ray_cluster import connect
 
 Request = tuple[Weights, str, str]  # (weights, task, split)
-SHARD_ROWS = 2 * EVAL_BATCH
+# Shards are whole batches (so counts never depend on the sharding) and sized per call: small
+# enough for every evaluator to get several (balance), large enough that the first batch of a
+# shard, decoded before the model can start, is a small part of it.
+MAX_SHARD_ROWS = 8 * EVAL_BATCH
+SHARDS_PER_EVALUATOR = 4
+# Calls in flight per actor: one on the model, the next one reading and decoding its rows.
+CALLS_PER_ACTOR = 2
 MAX_RESTARTS = 3
 
 
-def plan_shards(task: str, split: str, rows: int, shard_rows: int = SHARD_ROWS) -> list[RowRange]:
+def plan_shards(task: str, split: str, rows: int, shard_rows: int) -> list[RowRange]:
     shard_rows = max(EVAL_BATCH, shard_rows - shard_rows % EVAL_BATCH)
     return [RowRange(task, split, i, min(rows, i + shard_rows)) for i in range(0, rows, shard_rows)]
+
+
+def shard_size(total_rows: int, evaluators: int) -> int:
+    """Rows per shard for a call over `total_rows`: SHARDS_PER_EVALUATOR shards for each
+    evaluator, in whole batches, at most MAX_SHARD_ROWS."""
+    target = -(-total_rows // (SHARDS_PER_EVALUATOR * evaluators))
+    return min(MAX_SHARD_ROWS, max(EVAL_BATCH, -(-target // EVAL_BATCH) * EVAL_BATCH))
 
 
 class EvaluationPool:
     def __init__(self, base: str, tasks: Sequence[EvalTask], engine: str = "ray",
                  workers: int | None = None, device: str = "auto", threads: int = 1,
                  gpus_per_actor: float = 1.0, address: str | None = None,
-                 shard_rows: int = SHARD_ROWS, preprocess: str = "auto",
+                 shard_rows: int | None = None, preprocess: str = "auto",
                  precision: str = "fp32"):
         self.tasks = {t.name: t for t in tasks}
         self.shard_rows = shard_rows
@@ -53,7 +66,8 @@ class EvaluationPool:
                    dict(num_cpus=threads, num_gpus=0))
         self.workers = max(1, min(workers or available, available or 1))
         actor_cls = ray.remote(Evaluator).options(max_restarts=MAX_RESTARTS,
-                                                  max_task_retries=MAX_RESTARTS, **options)
+                                                  max_task_retries=MAX_RESTARTS,
+                                                  max_concurrency=CALLS_PER_ACTOR, **options)
         # The tasks (heads, row plans: no images) go to the object store once for all actors.
         tasks_ref = ray.put(self.tasks)
         self.actors: list[Any] = [actor_cls.remote(base, tasks_ref, preprocess, self.device,
@@ -62,7 +76,7 @@ class EvaluationPool:
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, "evaluators": self.workers, "device": self.device,
-                "shard_rows": self.shard_rows, "batch": EVAL_BATCH,
+                "shard_rows": self.shard_rows or "auto", "batch": EVAL_BATCH,
                 "precision": self.precision}
 
     def actor_pids(self) -> list[int]:
@@ -72,13 +86,13 @@ class EvaluationPool:
     def counts(self, requests: Sequence[Request], desc: str = "evaluate"
                ) -> list[tuple[int, int]]:
         """(correct, total) per request, identical whatever the number of evaluators."""
-        items = []
-        for r, (weights, task, split) in enumerate(requests):
+        for _, task, split in requests:
             if task not in self.tasks or split not in self.tasks[task].splits:
                 raise PipelineError(f"no data for task {task!r} split {split!r}")
-            rows = self.tasks[task].splits[split].num_rows
-            items += [(r, weights, shard) for shard in plan_shards(task, split, rows,
-                                                                   self.shard_rows)]
+        rows = [self.tasks[task].splits[split].num_rows for _, task, split in requests]
+        size = self.shard_rows or shard_size(sum(rows), self.workers)
+        items = [(r, weights, shard) for r, (weights, task, split) in enumerate(requests)
+                 for shard in plan_shards(task, split, rows[r], size)]
         totals = [[0, 0] for _ in requests]
         with progress(len(items), desc) as bar:
             for r, (correct, total) in self._run(items, bar):
@@ -94,7 +108,7 @@ class EvaluationPool:
             return
         queue = list(items)
         holding: dict[int, Weights | None] = {i: None for i in range(len(self.actors))}
-        idle = list(range(len(self.actors)))
+        idle = [a for _ in range(CALLS_PER_ACTOR) for a in range(len(self.actors))]
 
         def submit_next():
             if not (idle and queue):
@@ -107,7 +121,7 @@ class EvaluationPool:
             ref = self.actors[a].count.remote(weights, shard)
             return ref, (a, r)
 
-        for (a, r), counts in stream_results(submit_next, len(self.actors), bar,
+        for (a, r), counts in stream_results(submit_next, len(idle), bar,
                                              force_cancel=False):
             idle.append(a)
             yield r, counts
