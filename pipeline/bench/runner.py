@@ -27,10 +27,13 @@ from pipeline.errors import InputError
 from pipeline.evaluation.manifest import LoadedManifest, load_manifest
 from pipeline.evaluation.pool import EvaluationPool
 from pipeline.evaluation.search import absolute, normalized, select_alpha
-from pipeline.evaluation.tasks import SPLITS, EvalTask, resolve_task
+from pipeline.evaluation.tasks import SPLITS, EvalTask, resolve_task, task_errors
 from pipeline.io import storage
-from pipeline.io.output import write_file_atomic
+from pipeline.io.output import write_file_atomic, write_json_atomic
+from pipeline.io.reader import open_checkpoint
+from pipeline.io.safetensors_io import write_safetensors
 from pipeline.methods.registry import MethodSpec, get_method
+from pipeline.models.loading import PROJECTION_KEY, LoadedVision, load_vision
 from pipeline.models.weights import Weights
 from pipeline.runtime.executors import RayExecutor
 
@@ -192,6 +195,10 @@ def finetuned_reference(refs: dict[str, dict[str, dict[str, float]]], task_set: 
             raise InputError(f"task {t.name!r}: normalised accuracy needs the task's "
                              f"`finetuned` checkpoint or its `finetuned_accuracy` in "
                              f"{task_set.manifest.location}")
+        if known[t.name] <= 0:
+            raise InputError(f"task {t.name!r}: the fine-tuned model scores 0 on the {split} "
+                             f"split, so normalised accuracy (divided by it) is undefined; "
+                             f"check the task's head and labels")
     return {t.name: known[t.name] for t in task_set.tasks}
 
 
@@ -249,8 +256,8 @@ def _merge_methods(options: BenchOptions, methods: list[MethodSpec], task_set: T
                    executor, timings: dict[str, float]
                    ) -> tuple[dict[str, str], dict[str, MergeCost]]:
     """Each method's merged task vector (computed once; the sweep only rescales it)."""
-    base = task_set.base
-    finetuned = task_set.finetuned_checkpoints()
+    inputs = storage.join(options.out, "inputs")
+    base, finetuned = merge_inputs(task_set, inputs)
     task_vectors, merges = {}, {}
     for method in methods:
         t0 = time.perf_counter()
@@ -268,7 +275,38 @@ def _merge_methods(options: BenchOptions, methods: list[MethodSpec], task_set: T
                                         seconds=timings[f"merge_{method.name}"],
                                         model_parameters=report.model.parameters,
                                         peak_rss_bytes=report.engine.peak_worker_rss_bytes)
+    storage.remove_tree(inputs)
     return task_vectors, merges
+
+
+def merge_inputs(task_set: TaskSet, work: str) -> tuple[str, list[str]]:
+    """The base and fine-tuned checkpoints as the merge engine takes them: as they are when
+    they share one key set; otherwise canonical copies under `work` (Hugging Face
+    `CLIPVisionModelWithProjection` keys), since users mix layouts: FusionBench's base is a full
+    CLIPModel and its fine-tunes are CLIPVisionModels without projection (they keep the base's),
+    and the papers' fine-tunes are open_clip state dicts."""
+    base, finetuned = task_set.base, task_set.finetuned_checkpoints()
+    key_sets = []
+    for location in (base, *finetuned):
+        with open_checkpoint(location) as ckpt:
+            key_sets.append(set(ckpt.keys()))
+    if all(keys == key_sets[0] for keys in key_sets):
+        return base, finetuned
+    theta0 = load_vision(base)
+    copies = [_write_canonical(storage.join(work, "base"), theta0)]
+    for task, location in zip(task_set.tasks, finetuned):
+        with task_errors(task.name):
+            loaded = load_vision(location, theta0.config, theta0.tensors[PROJECTION_KEY])
+        copies.append(_write_canonical(storage.join(work, task.name), loaded))
+    return copies[0], copies[1:]
+
+
+def _write_canonical(directory: str, loaded: LoadedVision) -> str:
+    storage.make_dirs(directory)
+    write_safetensors(storage.join(directory, "model.safetensors"),
+                      {k: v.contiguous() for k, v in loaded.tensors.items()})
+    write_json_atomic(storage.join(directory, "config.json"), loaded.config.to_hf_dict())
+    return directory
 
 
 def _sweep_methods(pool: EvaluationPool, options: BenchOptions, methods: list[MethodSpec],

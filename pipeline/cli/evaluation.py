@@ -136,7 +136,8 @@ def cmd_evaluate(args) -> int:
         known = reference_rows(pool, task_set)["finetuned"].get(args.split, {})
     finally:
         pool.close()
-    finetuned = known if all(t in known for t in tasks) else None
+    # Normalised accuracy divides by the fine-tuned accuracy: only where every task has one.
+    finetuned = known if all(known.get(t, 0) > 0 for t in tasks) else None
     result = {"weights": weights.describe(), "split": args.split, "accuracy": acc,
               "absolute": absolute(acc),
               "normalized": normalized(acc, finetuned) if finetuned else None,

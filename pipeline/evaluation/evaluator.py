@@ -31,7 +31,6 @@ from pipeline.evaluation.tasks import EvalTask
 from pipeline.io import storage
 from pipeline.io.reader import open_checkpoint
 from pipeline.models.loading import (
-    IDENTITY_PROJECTION,
     PROJECTION_KEY,
     canonical_tensors,
     load_vision,
@@ -89,9 +88,6 @@ class Evaluator:
         self.precision = precision
         loaded = load_vision(base)
         self.config = loaded.config
-        # A vision model saved without projection evaluates with an identity one (exact); its
-        # task vectors have no projection key, which is a zero change to that identity.
-        self._identity_projection = loaded.layout.endswith(IDENTITY_PROJECTION)
         self.model = ClipVisionTower(loaded.config)
         self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' typing
         self.params = parameters(self.model)
@@ -122,12 +118,15 @@ class Evaluator:
             self._cache.move_to_end(weights.path)
             return self._cache[weights.path]
         if weights.kind == "model":
-            tensors = load_vision(weights.path, self.config).tensors
+            # A fine-tuned vision model without projection is the base's tower fine-tuned: it
+            # keeps the base's projection (FusionBench's CLIPVisionModel fine-tunes).
+            tensors = load_vision(weights.path, self.config,
+                                  self.theta0[PROJECTION_KEY].cpu()).tensors
         else:  # a task vector: the layout of its inputs, without config or buffers
             with open_checkpoint(weights.path) as ckpt:
                 stored = {k: ckpt.read(k) for k in ckpt.keys()}
             tensors = canonical_tensors(stored, weights.path)[0]
-            if self._identity_projection and PROJECTION_KEY not in tensors:
+            if PROJECTION_KEY not in tensors:  # merged from models without projection
                 tensors[PROJECTION_KEY] = torch.zeros_like(self.params[PROJECTION_KEY])
         tensors = aligned(self.params, tensors, weights.path)
         self._cache[weights.path] = tensors

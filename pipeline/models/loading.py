@@ -38,6 +38,7 @@ OPEN_CLIP = "open_clip"
 OPEN_CLIP_MODEL_PREFIX = "open_clip-model-prefix"
 # Appended to the layout when a vision model without projection got an identity projection.
 IDENTITY_PROJECTION = "+identity-projection"
+BASE_PROJECTION = "+base-projection"
 
 PROJECTION_KEY = "visual_projection.weight"
 _EMBED = HF_VISION_PREFIX + "embeddings."
@@ -200,7 +201,8 @@ def _read_config(location: str) -> dict:
     return raw
 
 
-def _config_from_file(raw: dict, location: str, projection_rows: int | None) -> VisionConfig:
+def _config_from_file(raw: dict, location: str, projection_rows: int | None,
+                      borrowed: bool = False) -> VisionConfig:
     """The config.json's architecture, with the projection dim the tensors have: a CLIPModel
     keeps it at the top level (its `vision_config` may carry a stale default), and a bare
     CLIPVisionModel's `projection_dim` describes no tensor at all."""
@@ -213,7 +215,7 @@ def _config_from_file(raw: dict, location: str, projection_rows: int | None) -> 
     if projection_rows is None:
         return dataclasses.replace(config, projection_dim=config.hidden_size)
     declared = raw["projection_dim"] if "vision_config" in raw else raw.get("projection_dim")
-    if declared is not None and declared != projection_rows:
+    if declared is not None and declared != projection_rows and not borrowed:
         raise InputError(f"{location}: projection_dim is {declared}, but "
                          f"{PROJECTION_KEY!r} has {projection_rows} rows")
     return dataclasses.replace(config, projection_dim=projection_rows)
@@ -287,7 +289,8 @@ def _check_keys(tensors: Mapping[str, torch.Tensor], num_layers: int, where: str
                          f"architecture has")
 
 
-def load_vision(location: str, config: VisionConfig | None = None) -> LoadedVision:
+def load_vision(location: str, config: VisionConfig | None = None,
+                projection: torch.Tensor | None = None) -> LoadedVision:
     """Read a CLIP vision checkpoint in any layout users hold (see module docstring), local or
     a URI, into `ClipVisionTower`'s names, with its architecture.
 
@@ -296,18 +299,23 @@ def load_vision(location: str, config: VisionConfig | None = None) -> LoadedVisi
     checkpoint's must equal it (InputError naming the first differing field), and it supplies
     the fields shapes cannot tell when there is no config.json. A vision model without
     projection gets `projection_dim = hidden_size` and an identity `visual_projection.weight`,
-    so its image embeddings are its pooled output, exactly.
+    so its image embeddings are its pooled output, exactly; unless the caller passes the
+    base's `projection`: a fine-tuned `CLIPVisionModel` (FusionBench's) is the base CLIPModel's
+    vision tower fine-tuned, and evaluates and merges with the base's projection.
     """
     with open_checkpoint(location) as ckpt:
         # Non-float entries are buffers (`position_ids`), never parameters: not even read.
         stored = {k: ckpt.read(k) for k in ckpt.keys() if ckpt.spec(k).is_float}
         config_location = ckpt.config_location
     tensors, layout = canonical_tensors(stored, location)
+    if projection is not None and PROJECTION_KEY not in tensors:
+        tensors[PROJECTION_KEY] = projection
+        layout += BASE_PROJECTION
     projection_rows = _projection_rows(tensors, location)
     found: VisionConfig | None = None
     if config_location is not None:
         found = _config_from_file(_read_config(config_location), config_location,
-                                  projection_rows)
+                                  projection_rows, layout.endswith(BASE_PROJECTION))
     # config.json declares the block count, so a missing block is named as a missing key;
     # without one, the blocks present are the architecture (compared with `config` below).
     _check_keys(tensors, found.num_hidden_layers if found else _layer_count(list(tensors)),
