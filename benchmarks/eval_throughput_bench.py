@@ -138,6 +138,36 @@ def pool_run(manifest: str, actors: int) -> dict:
     return {"seconds": seconds, "images": total, "correct": correct}
 
 
+def gpu_rows(manifest: str, threads: int) -> list[tuple[str, dict]]:
+    """On a GPU host: the in-process pool (`--engine local`, no Ray needed) on cuda in fp32 and
+    under bf16 autocast, and on CPU as the reference for the counts."""
+    import torch
+
+    from pipeline.bench.runner import open_task_set
+    from pipeline.evaluation.pool import EvaluationPool
+    from pipeline.models.weights import Weights
+
+    task_set = open_task_set(tasks_file=manifest, log=lambda *_: None)
+    rows = []
+    for name, device, precision in (("pool in-process, cuda fp32", "cuda", "fp32"),
+                                    ("pool in-process, cuda bf16 autocast", "cuda", "bf16"),
+                                    (f"pool in-process, cpu fp32 x {threads} threads", "cpu",
+                                     "fp32")):
+        pool = EvaluationPool(task_set.base, task_set.tasks, "local", device=device,
+                              threads=threads if device == "cpu" else 1,
+                              preprocess=task_set.manifest.manifest.preprocess,
+                              precision=precision)
+        request = [(Weights.base(), "bench", "test")]
+        if device == "cuda":  # kernels chosen and loaded before the clock
+            pool.counts(request, "warm-up")
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        [(correct, total)] = pool.counts(request, name)
+        rows.append((name, {"seconds": time.perf_counter() - started, "images": total,
+                            "correct": correct, "driver_peak_rss": 0}))
+    return rows
+
+
 def child(args: argparse.Namespace) -> None:
     result = (plain_loop(args.manifest, args.threads) if args.mode == "plain" else
               pool_run(args.manifest, args.actors))
@@ -160,6 +190,9 @@ def main() -> None:
     parser.add_argument("--memory-images", default="300,1200",
                         help="dataset sizes for the driver-memory rows (2 actors)")
     parser.add_argument("--workdir", help="keep the generated files here (default: a temp dir)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="on a GPU host: in-process pool on cuda (fp32, bf16) and CPU "
+                             "instead of the CPU modes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
     parser.add_argument("--actors", type=int, default=1, help=argparse.SUPPRESS)
@@ -172,6 +205,13 @@ def main() -> None:
     root = args.workdir or tempfile.mkdtemp(prefix="eval-bench-")
     os.makedirs(root, exist_ok=True)
     manifest = make_workspace(root, args.images)
+    if args.gpu:
+        rows = gpu_rows(manifest, os.cpu_count() or 1)
+        print(f"\nViT-B/32 (random weights), {args.images} JPEGs 224 px, batch 100\n")
+        print("| mode | images/s | correct |\n|---|---|---|")
+        for name, r in rows:
+            print(f"| {name} | {r['images'] / r['seconds']:.1f} | {r['correct']} |")
+        return
     rows = [("plain loop, 1 thread", run_child(manifest, "plain", threads=1)),
             ("plain loop, 2 threads", run_child(manifest, "plain", threads=2)),
             ("pool, 1 actor x 1 thread", run_child(manifest, "pool", actors=1)),

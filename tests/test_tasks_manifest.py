@@ -760,3 +760,18 @@ def test_fusionbench_layout_benches_with_the_base_projection(tmp_path, capsys):
         expected = base.get_image_features(pixel_values=pixels)
         expected = getattr(expected, "pooler_output", expected)
         torch.testing.assert_close(evaluator.model.embed(pixels), expected)
+
+
+def test_several_decoding_threads_count_what_one_counts(user):
+    """GPU evaluators decode with several threads (the model outruns one): same batches, same
+    counts, in the same order."""
+    from pipeline.evaluation.evaluator import Evaluator, RowRange
+
+    task_set = open_task_set(tasks_file=user["manifest"], log=quiet)
+    tasks = {t.name: t for t in task_set.tasks}
+    counts = []
+    for threads in (1, 4):
+        evaluator = Evaluator(task_set.base, tasks, "clip", decode_threads=threads)
+        counts.append([evaluator.count(Weights.base(), RowRange(t, s, 0, 10 ** 6))
+                       for t in tasks for s in ("val", "test")])
+    assert counts[0] == counts[1] and sum(c for c, _ in counts[0]) > 0
