@@ -2,6 +2,8 @@
 
     ray job submit --working-dir . -- python ray_jobs/evaluate.py bench \
         --suite standard --tasks 8 --out /shared/bench/$(date +%F)
+    ray job submit --working-dir . -- python ray_jobs/evaluate.py bench \
+        --tasks-file s3://team/tasks/fusionbench-8.yaml --out s3://team/bench/$(date +%F)
 
 Same options as the `merge-pipeline` subcommands (default subcommand: bench). Inside a Ray job
 the actors join the job's cluster (`--address auto`) instead of starting an embedded one.

@@ -17,7 +17,8 @@ from clip_fixtures import make_tiny_clip_dir, tiny_clip_config, write_tokenizer_
 from safetensors.torch import save_file
 
 from pipeline.errors import InputError
-from pipeline.evaluation.heads import Head, load_head_file, zero_shot_head
+from pipeline.evaluation.heads import Head, load_head_file
+from pipeline.evaluation.zero_shot import zero_shot_head
 
 __all__ = ["make_tiny_clip_dir"]  # other test files may import it from here too
 
@@ -291,7 +292,7 @@ def test_safetensors_heads(tmp_path):
     _assert_refused(tmp_path / "int.safetensors", r"dtype torch\.int64, expected a float", never)
     _assert_refused(tmp_path / "vector.safetensors", r"cannot tell which tensor", never)
     _assert_refused(tmp_path / "flag.safetensors", r"metadata 'normalize' is '1'", never)
-    _assert_refused(tmp_path / "junk.safetensors", r"header is not JSON", never)
+    _assert_refused(tmp_path / "junk.safetensors", r"header is not valid JSON", never)
 
 
 def test_head_from_object_store(tmp_path, s3_prefix):

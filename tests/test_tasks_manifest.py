@@ -775,3 +775,20 @@ def test_several_decoding_threads_count_what_one_counts(user):
         counts.append([evaluator.count(Weights.base(), RowRange(t, s, 0, 10 ** 6))
                        for t in tasks for s in ("val", "test")])
     assert counts[0] == counts[1] and sum(c for c, _ in counts[0]) > 0
+
+
+def test_nightly_benchmarks_a_manifest_and_records_its_digest(user, tmp_path):
+    """`tasks_files` alone (no suites): one cell named after the manifest, its rows carrying
+    the manifest's digest."""
+    from pipeline.history.nightly import NightlyConfig, run_nightly
+    from pipeline.history.store import read_history
+
+    config = NightlyConfig(history=str(tmp_path / "history"), report=str(tmp_path / "r.html"),
+                           work_dir=str(tmp_path / "work"), tasks_files=[user["manifest"]],
+                           task_counts=[2], methods=["task_arithmetic"], engine="local")
+    assert config.suites == []
+    result = run_nightly(config, log=quiet)
+    assert result.exit_code == 0 and [c["cell"] for c in result.cells] == [
+        f"{os.path.splitext(os.path.basename(user['manifest']))[0]}-T2"]
+    rows = read_history(str(tmp_path / "history")).to_pylist()
+    assert rows and {r["manifest_digest"] for r in rows} == {sha256_of(user["manifest"])}

@@ -20,8 +20,9 @@ from pipeline.evaluation.datasets import (
     open_dataset,
     papers_validation_rows,
 )
-from pipeline.evaluation.heads import Head, load_head_file, zero_shot_head
+from pipeline.evaluation.heads import Head, load_head_file
 from pipeline.evaluation.manifest import LoadedManifest, Manifest, TaskSpec
+from pipeline.evaluation.zero_shot import zero_shot_head
 
 SPLITS = ("val", "test")  # what evaluation asks for: validation (alpha search) and test
 
