@@ -63,7 +63,7 @@ def test_half_a_gpu_per_task_packs_two_per_gpu(gpu_cluster):
 
 def test_evaluation_actors_are_one_per_gpu(gpu_cluster, monkeypatch):
     class GpuProbe:  # stands in for the Evaluator, whose model would need real CUDA
-        def __init__(self, base, device, threads):
+        def __init__(self, base, tasks, preprocess, device, *rest):
             self.device = device
 
         def placement(self):
