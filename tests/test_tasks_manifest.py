@@ -792,3 +792,13 @@ def test_nightly_benchmarks_a_manifest_and_records_its_digest(user, tmp_path):
         f"{os.path.splitext(os.path.basename(user['manifest']))[0]}-T2"]
     rows = read_history(str(tmp_path / "history")).to_pylist()
     assert rows and {r["manifest_digest"] for r in rows} == {sha256_of(user["manifest"])}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench"])
+def test_suite_and_tasks_file_together_are_one_line(user, tmp_path, capsys, command):
+    argv = [command, "--suite", "tiny", "--tasks-file", user["manifest"], "--engine", "local"]
+    code, _, err = cli(capsys, argv + (["--out", str(tmp_path / "o")] if command == "bench"
+                                       else []))
+    assert code == 2 and err.strip().splitlines() == [
+        "error: give --suite or --tasks-file, not both"]
+    assert not (tmp_path / "o").exists()

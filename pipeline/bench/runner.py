@@ -84,7 +84,7 @@ class BenchSummary(VersionedFile):
 
 @dataclass
 class BenchOptions:
-    suite: str = "standard"
+    suite: str | None = None        # a built-in suite's name or directory (default: standard)
     tasks_file: str | None = None   # a task manifest instead of a built-in suite
     base: str | None = None         # override the manifest's base
     finetuned: Sequence[str] = ()   # override the manifest's fine-tuned checkpoints
@@ -136,6 +136,8 @@ def open_task_set(suite: str | None = None, tasks_file: str | None = None,
                   log: Callable[[str], None] = print) -> TaskSet:
     """A built-in suite (built or taken from the cache, then read through the manifest it
     exports) or a user's manifest; `base` / `finetuned` override the manifest's models."""
+    if suite and tasks_file:
+        raise InputError("give --suite or --tasks-file, not both")
     if tasks_file is not None:
         loaded = load_manifest(tasks_file)
         name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0]

@@ -93,8 +93,6 @@ def _executor(cluster: ClusterOptions):
 
 def _task_set(args, cluster: ClusterOptions, log=print):
     from pipeline.bench.runner import open_task_set
-    if args.suite and args.tasks_file:
-        raise InputError("give --suite or --tasks-file, not both")
     return open_task_set(args.suite, args.tasks_file, args.tasks, args.cache,
                          _executor(cluster), args.base, args.finetuned, log)
 
@@ -205,10 +203,8 @@ def cmd_bench(args) -> int:
         params.setdefault(method, {}).update(parse_params([assignment]))
     methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
     cluster = cluster_options(vars(args))
-    if args.suite and args.tasks_file:
-        raise InputError("give --suite or --tasks-file, not both")
     summary = run_bench(BenchOptions(
-        suite=args.suite or "standard", tasks_file=args.tasks_file, base=args.base,
+        suite=args.suite, tasks_file=args.tasks_file, base=args.base,
         finetuned=args.finetuned or (), precision=args.precision,
         tasks=args.tasks, methods=methods, out=args.out,
         engine=cluster.actor_engine, workers=cluster.workers, address=cluster.address,

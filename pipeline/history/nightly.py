@@ -134,7 +134,7 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
             log(f"[{label}]")
             try:
                 summary = run_bench(BenchOptions(
-                    suite=suite or "standard", tasks_file=tasks_file, tasks=count,
+                    suite=suite, tasks_file=tasks_file, tasks=count,
                     methods=config.methods, out=out,
                     engine=config.engine, workers=config.workers, address=config.address,
                     device=config.device, early_stop=config.early_stop, cache=config.cache,
