@@ -69,9 +69,11 @@ class EvaluationPool:
                                                   max_task_retries=MAX_RESTARTS,
                                                   max_concurrency=CALLS_PER_ACTOR, **options)
         # The tasks (heads, row plans: no images) go to the object store once for all actors.
-        tasks_ref = ray.put(self.tasks)
-        self.actors: list[Any] = [actor_cls.remote(base, tasks_ref, preprocess, self.device,
-                                                   threads, precision)
+        # The pool keeps the reference: a restarted actor re-runs its constructor with the
+        # same arguments, and an object nobody references any more is gone by then.
+        self._tasks_ref = ray.put(self.tasks)
+        self.actors: list[Any] = [actor_cls.remote(base, self._tasks_ref, preprocess,
+                                                   self.device, threads, precision)
                                   for _ in range(self.workers)]
 
     def describe(self) -> dict[str, Any]:
