@@ -226,3 +226,29 @@ def test_an_unreachable_store_is_one_line_before_anything(tiny_example, monkeypa
     assert main(["verify", "s3://nowhere/out"]) == 2
     assert "cannot reach its storage" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_suite_in_a_shared_cache_is_evaluated_from_the_store(tiny_suite, s3_prefix,
+                                                                monkeypatch, tmp_path):
+    """With `--cache s3://...` the suite's manifest, data, heads and models are read from the
+    store (what every node of a cluster without a shared filesystem reaches), and count what
+    the local copy counts; bench merges read their inputs from there too."""
+    from pipeline.bench.runner import BenchOptions, open_task_set, run_bench
+    from pipeline.evaluation.pool import EvaluationPool
+    from pipeline.models.weights import Weights
+    path, cache, _ = tiny_suite
+    monkeypatch.setenv("MERGE_PIPELINE_CACHE", cache)
+    shared = open_task_set("tiny", count=2, cache=s3_prefix, log=lambda *_: None)
+    local = open_task_set(path, count=2, log=lambda *_: None)
+    assert shared.manifest.location.startswith(f"{s3_prefix}/suites/")
+    assert shared.base.startswith("s3://") and all(
+        t.data_location.startswith("s3://") and t.finetuned.startswith("s3://")
+        for t in shared.tasks)
+    requests = [(Weights.base(), t, s) for t in shared.task_names for s in ("val", "test")]
+    counts = [EvaluationPool(ts.base, ts.tasks, "local", preprocess="clip").counts(requests)
+              for ts in (shared, local)]
+    assert counts[0] == counts[1]
+    summary = run_bench(BenchOptions(suite="tiny", tasks=2, methods=("task_arithmetic",),
+                                     out=str(tmp_path / "bench"), engine="local",
+                                     cache=s3_prefix), log=lambda *_: None)
+    assert summary.suite_dir.startswith("s3://") and summary.rows["task_arithmetic"].alpha

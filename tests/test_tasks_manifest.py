@@ -802,3 +802,10 @@ def test_suite_and_tasks_file_together_are_one_line(user, tmp_path, capsys, comm
     assert code == 2 and err.strip().splitlines() == [
         "error: give --suite or --tasks-file, not both"]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_suite_directory_from_an_older_version_is_one_line(tmp_path, capsys):
+    (tmp_path / "suite.json").write_text("{}")
+    code, _, err = cli(capsys, ["evaluate", "--suite", str(tmp_path), "--engine", "local"])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "built by an older version" in err and str(tmp_path) in err

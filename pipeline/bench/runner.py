@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.bench.suites.build import ensure_suite
+from pipeline.bench.suites.build import ensure_suite, shared_suite_dir
 from pipeline.bench.suites.export import MANIFEST_NAME
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import library_versions, run_merge
@@ -143,7 +143,12 @@ def open_task_set(suite: str | None = None, tasks_file: str | None = None,
         name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0]
     else:
         suite_dir = ensure_suite(suite or "standard", cache, executor, log)
-        loaded = load_manifest(os.path.join(suite_dir, MANIFEST_NAME))
+        if not os.path.isfile(os.path.join(suite_dir, MANIFEST_NAME)):
+            raise InputError(f"{suite_dir}: a suite built by an older version (no "
+                             f"{MANIFEST_NAME}); pass the suite's name to build it again")
+        # With a shared cache, the suite's models and data are read where every node can.
+        home = shared_suite_dir(suite or "standard", cache) or suite_dir
+        loaded = load_manifest(storage.join(home, MANIFEST_NAME))
         name = suite or "standard"
     specs = loaded.select(count)
     if finetuned:

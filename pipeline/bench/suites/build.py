@@ -133,9 +133,20 @@ def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
     return final
 
 
+def shared_suite_dir(name_or_dir: str, root: str | None) -> str | None:
+    """Where a built-in suite lives in a shared (object-store) cache `root`; None for a local
+    cache or a suite given by its directory. Evaluation reads the suite from there, so every
+    node of a cluster without a shared filesystem reaches the same files."""
+    if root is None or not storage.is_uri(root) or \
+            os.path.isfile(os.path.join(name_or_dir, "suite.json")):
+        return None
+    return storage.join(storage.join(root, "suites"),
+                        os.path.basename(suite_dir(get_spec(name_or_dir))))
+
+
 def _through_shared_cache(spec: SuiteSpec, root: str, executor, log) -> str:
     local = suite_dir(spec)
-    shared = storage.join(storage.join(root, "suites"), os.path.basename(local))
+    shared = str(shared_suite_dir(spec.name, root))
     shared_has_it = storage.exists(storage.join(shared, "suite.json"))
     if not os.path.isfile(os.path.join(local, "suite.json")):
         if shared_has_it:
