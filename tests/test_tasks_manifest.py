@@ -45,6 +45,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pipeline.bench.runner import open_task_set
 from pipeline.cli.main import main
+from pipeline.errors import InputError
 from pipeline.evaluation.manifest import load_manifest
 from pipeline.evaluation.pool import EvaluationPool
 from pipeline.evaluation.tasks import resolve_task
@@ -604,6 +605,12 @@ def test_head_dim_differs_from_the_projection(user, tmp_path, capsys):
     manifest = _manifest(user, "narrow.yaml", _tasks(user, beta={"head": str(head)}))
     line = assert_one_line_error(capsys, manifest, "task 'beta'", str(head))
     assert "8-dim" in line and f"makes {VISION['projection_dim']}" in line
+    # On Ray the driver checks the heads from the base's headers, before any actor starts
+    # (an actor's constructor failing would surface as a dead actor, not this line).
+    task_set = open_task_set(tasks_file=manifest, log=quiet)
+    with pytest.raises(InputError, match=r"task 'beta': .*narrow\.safetensors: the head takes "
+                                         r"8-dim embeddings"):
+        EvaluationPool(task_set.base, task_set.tasks, "ray", address="127.0.0.1:1")
 
 
 def _corrupt_parquet_row(directory: Path, split: str, row: int) -> tuple[str, int]:

@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,11 +31,7 @@ from pipeline.evaluation.preprocess import Preprocess
 from pipeline.evaluation.tasks import EvalTask
 from pipeline.io import storage
 from pipeline.io.reader import open_checkpoint
-from pipeline.models.loading import (
-    PROJECTION_KEY,
-    canonical_tensors,
-    load_vision,
-)
+from pipeline.models.loading import PROJECTION_KEY, canonical_tensors, embedding_dim, load_vision
 from pipeline.models.vit import ClipVisionTower, VisionConfig
 from pipeline.models.weights import Weights, aligned, parameters
 
@@ -61,6 +57,19 @@ class RowRange:
     split: str
     start: int
     stop: int
+
+
+def check_heads(base: str, tasks: Iterable[EvalTask], dim: int | None = None) -> None:
+    """Every head must take the embeddings the base model makes (`dim`; read from the base's
+    headers when not given)."""
+    tasks = list(tasks)
+    if not tasks:
+        return
+    dim = dim if dim is not None else embedding_dim(base)
+    for task in tasks:
+        if task.head.dim != dim:
+            raise InputError(f"task {task.name!r}: {task.head_origin}: the head takes "
+                             f"{task.head.dim}-dim embeddings, the model at {base} makes {dim}")
 
 
 def preprocessing(setting: str, base: str, config: VisionConfig) -> Preprocess:
@@ -105,11 +114,7 @@ class Evaluator:
         self.theta0 = {k: v.detach().clone() for k, v in self.params.items()}
         self.current = Weights.base()
         self.tasks = dict(tasks or {})
-        for task in self.tasks.values():
-            if task.head.dim != loaded.config.projection_dim:
-                raise InputError(f"task {task.name!r}: {task.head_origin}: the head takes "
-                                 f"{task.head.dim}-dim embeddings, the model at {base} makes "
-                                 f"{loaded.config.projection_dim}")
+        check_heads(base, self.tasks.values(), loaded.config.projection_dim)
         self.heads = {name: _on(task.head, self.device) for name, task in self.tasks.items()}
         self.preprocess = preprocessing(preprocess, base, loaded.config)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, RowRange
+from pipeline.evaluation.evaluator import EVAL_BATCH, Evaluator, RowRange, check_heads
 from pipeline.evaluation.tasks import EvalTask
 from pipeline.models.weights import Weights
 from pipeline.runtime.executors import choose_device, progress, ray_slots, stream_results
@@ -49,6 +49,7 @@ class EvaluationPool:
                  shard_rows: int | None = None, preprocess: str = "auto",
                  precision: str = "fp32"):
         self.tasks = {t.name: t for t in tasks}
+        check_heads(base, tasks)  # before any evaluator loads the model
         self.shard_rows = shard_rows
         self.engine = engine
         self.precision = precision

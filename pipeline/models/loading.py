@@ -344,3 +344,20 @@ def load_vision(location: str, config: VisionConfig | None = None,
             raise InputError(f"{location}: key {name!r} has shape {list(tensors[name].shape)}, "
                              f"the architecture needs {list(shape)}")
     return LoadedVision(found, {name: tensors[name] for name in expected}, layout)
+
+
+def embedding_dim(location: str) -> int:
+    """The dimension of the image embeddings the model at `location` makes, from its headers
+    alone (no tensor read): the driver checks heads against it before any actor loads the
+    model. A model without projection embeds in its width."""
+    with open_checkpoint(location) as ckpt:
+        specs = ckpt.specs()
+    for key, spec in specs.items():
+        if key == PROJECTION_KEY or key.endswith("." + PROJECTION_KEY):
+            return spec.shape[0]  # HF: [D, W]
+        if key in ("visual.proj", "model.visual.proj"):
+            return spec.shape[1]  # open_clip: [W, D]
+    for key, spec in specs.items():
+        if key.endswith("class_embedding"):
+            return spec.shape[0]
+    raise InputError(f"{location}: no CLIP vision keys (no projection, no class embedding)")
