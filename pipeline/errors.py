@@ -8,6 +8,14 @@ re-run an `InputError`: retrying cannot fix the input.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line (at most 300 characters, its type when empty): what
+    a one-line error quotes from a library (pyarrow, transformers, PIL spread theirs over
+    lines)."""
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
+
+
 class PipelineError(Exception):
     """Base class for every error this package raises on purpose."""
 

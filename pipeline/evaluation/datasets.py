@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.io import storage
 
 Kind = Literal["parquet", "arrow", "imagefolder"]
@@ -159,10 +159,6 @@ def _parquet_splits(location: str, files: Sequence[str]) -> dict[str, list[str]]
             for split, shards in sorted(keyed.items())}
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _check_columns(origin: str, schema: Any, image: str = "image", label: str = "label") -> None:
     """The image column holds encoded bytes (a `{bytes, path}` struct, as `datasets`' Image
     feature stores them, or plain binary) and the label column integers."""
@@ -226,7 +222,7 @@ def _parquet_info(location: str, splits: dict[str, list[str]]) -> DatasetInfo:
                 with fs.open_input_file(path) as f:
                     meta = pq.ParquetFile(f).metadata
             except (OSError, pa.ArrowException) as exc:  # ArrowInvalid: not parquet
-                raise InputError(f"{file}: not a readable parquet file ({_one_line(exc)})"
+                raise InputError(f"{file}: not a readable parquet file ({one_line(exc)})"
                                  ) from None
             schema = meta.schema.to_arrow_schema()
             _check_columns(file, schema)
@@ -242,7 +238,7 @@ def _read_json(location: str, what: str) -> Any:
     try:
         return json.loads(storage.read_bytes(location))
     except ValueError as exc:
-        raise InputError(f"{location}: not valid JSON ({_one_line(exc)})") from None
+        raise InputError(f"{location}: not valid JSON ({one_line(exc)})") from None
 
 
 def _arrow_info(location: str, files: Sequence[str], split: str | None) -> DatasetInfo:
@@ -308,12 +304,12 @@ def _ipc_stream(file: str) -> Iterator[Any]:
     except FileNotFoundError:
         raise InputError(f"{file}: no such file (listed in state.json)") from None
     except OSError as exc:
-        raise InputError(f"{file}: cannot open ({_one_line(exc)})") from None
+        raise InputError(f"{file}: cannot open ({one_line(exc)})") from None
     try:
         try:
             reader = pa.ipc.open_stream(source)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{file}: not an Arrow IPC stream ({_one_line(exc)}); expected "
+            raise InputError(f"{file}: not an Arrow IPC stream ({one_line(exc)}); expected "
                              f"data-NNNNN-of-NNNNN.arrow as save_to_disk writes them") from None
         yield reader
     finally:
@@ -329,7 +325,7 @@ def _batches(reader: Any, file: str) -> Iterator[Any]:
         except StopIteration:
             return
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{file}: unreadable Arrow stream ({_one_line(exc)})") from None
+            raise InputError(f"{file}: unreadable Arrow stream ({one_line(exc)})") from None
         yield batch
 
 
@@ -410,12 +406,12 @@ def _parquet_rows(source: SplitSource, index: int, local: np.ndarray, first: int
     try:
         handle = fs.open_input_file(path)
     except OSError as exc:
-        raise InputError(f"{file}: cannot open ({_one_line(exc)})") from None
+        raise InputError(f"{file}: cannot open ({one_line(exc)})") from None
     with handle:
         try:
             parquet = pq.ParquetFile(handle)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{file}: not a readable parquet file ({_one_line(exc)})"
+            raise InputError(f"{file}: not a readable parquet file ({one_line(exc)})"
                              ) from None
         meta = parquet.metadata
         _same_rows(file, meta.num_rows, source.file_rows[index])

@@ -12,7 +12,6 @@ does not wait on JPEG decoding and the driver never holds images.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import threading
@@ -26,7 +25,6 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.evaluation.datasets import Example, read_examples
-from pipeline.evaluation.heads import Head
 from pipeline.evaluation.preprocess import Preprocess
 from pipeline.evaluation.tasks import EvalTask
 from pipeline.io import storage
@@ -115,7 +113,7 @@ class Evaluator:
         self.current = Weights.base()
         self.tasks = dict(tasks or {})
         check_heads(base, self.tasks.values(), loaded.config.projection_dim)
-        self.heads = {name: _on(task.head, self.device) for name, task in self.tasks.items()}
+        self.heads = {name: task.head.to(self.device) for name, task in self.tasks.items()}
         self.preprocess = preprocessing(preprocess, base, loaded.config)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
@@ -265,15 +263,11 @@ class _DecodeAhead:
 
     def _decoded(self, batch: list[Example], pool: ThreadPoolExecutor, decode
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = list(pool.map(decode, batch)) if self._decoders > 1 else \
-            [decode(e) for e in batch]
+        images = list(pool.map(decode, batch))
         pixels = torch.from_numpy(np.stack(images))
         labels = torch.tensor([e.label for e in batch], dtype=torch.int64)
         return (pixels.pin_memory() if self._pin else pixels), labels
 
 
-def _on(head: Head, device: torch.device) -> Head:
-    bias = None if head.bias is None else head.bias.to(device)
-    return dataclasses.replace(head, weight=head.weight.to(device), bias=bias)
 
 

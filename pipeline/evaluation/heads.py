@@ -18,6 +18,7 @@ every other class becomes an inert stand-in that can receive state but never run
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import pickle
 import types
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.io import storage
 from pipeline.io.safetensors_io import SafetensorsFile
 
@@ -57,6 +58,11 @@ class Head:
     @property
     def dim(self) -> int:
         return int(self.weight.shape[1])
+
+    def to(self, device: torch.device | str) -> Head:
+        """The same head on `device`: moved once, not on every batch."""
+        bias = None if self.bias is None else self.bias.to(device)
+        return dataclasses.replace(self, weight=self.weight.to(device), bias=bias)
 
     def logits(self, embeds: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, C): normalize(embeds) @ W.T + b (normalize only if self.normalize).
@@ -383,7 +389,3 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     with a buffer the caller might reuse."""
     return t.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
 
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import InputError
-from pipeline.evaluation.heads import Head, one_line
+from pipeline.errors import InputError, one_line
+from pipeline.evaluation.heads import Head
 from pipeline.io import storage
 from pipeline.io.reader import open_checkpoint
 

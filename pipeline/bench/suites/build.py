@@ -111,9 +111,11 @@ def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
     """The directory of a built suite: a path to one, or a built-in name (built if needed).
 
     A `root` that is an object-store URI is a cache every machine of a cluster shares: a suite
-    found there is copied into this machine's local cache once (evaluation reads it many
-    times, so it is read locally); one this machine had to build is uploaded there, whole
+    found there is copied into this machine's local cache once (training-side files and the
+    returned directory are local); one this machine had to build is uploaded there, whole
     (the output commit protocol, `suite.json` last), for the next machine and the next night.
+    Evaluation and bench merges read the shared copy (`shared_suite_dir`), which every node
+    reaches.
     """
     if os.path.isfile(os.path.join(name_or_dir, "suite.json")):
         return name_or_dir
