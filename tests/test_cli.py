@@ -166,8 +166,16 @@ def test_report_config_copy_and_integer_buffers(inputs, capsys):
     assert json.loads((out / "config.json").read_text()) == {"model_type": "toy"}
     report = json.loads((out / "merge_report.json").read_text())
     import hashlib
+    import struct
     task_file = report["inputs"]["finetuned"][0]["files"][0]
-    assert task_file["sha256"] == hashlib.sha256(open(task_file["path"], "rb").read()).hexdigest()
+    raw = open(task_file["path"], "rb").read()  # header, then each tensor's sha256 in order
+    end = 8 + struct.unpack("<Q", raw[:8])[0]
+    spans = sorted(v["data_offsets"] for k, v in json.loads(raw[8:end]).items()
+                   if k != "__metadata__")
+    digest = hashlib.sha256(raw[:end])
+    for a, b in spans:
+        digest.update(hashlib.sha256(raw[end + a:end + b]).digest())
+    assert task_file["tensor_sha256"] == digest.hexdigest()
     assert report["inputs"]["base"]["size"] == os.path.getsize(os.path.join(base, "model.safetensors"))
     assert {"torch", "safetensors", "pyarrow", "python"} <= set(report["versions"])
     assert report["timings_s"]["total"] > 0 and report["params"] == {"k": 20.0, "merge_func": "mean"}

@@ -457,3 +457,35 @@ def test_iso_cts_fraction_too_small_for_the_rank_is_a_clear_error():
     assert iso_cts_dimensions(14, 8, 0.1) == (-2, 2)
     with pytest.raises(InputError, match="no valid split"):
         iso_cts(torch.randn(8, 14, 20), common_space_fraction=0.1)
+
+
+# -- the subset eigensolver behind TSV-M's per-task top k ---------------------------------------
+@pytest.mark.parametrize("shape,k", [((96, 96), 12), ((160, 64), 8), ((64, 160), 21)])
+def test_subset_eigensolver_gives_the_full_eigh_top_k(shape, k, monkeypatch):
+    """The top k from LAPACK's syevr (only k eigenvectors) equal the full eigh's, and TSV-M
+    uses it: forcing the full eigh changes the result by rounding only."""
+    x = power_law_tasks(1, *shape, seed=1)[0].double()
+    rows = shape[0] <= shape[1]
+    lam, w = linalg.top_gram_eigh(x, rows, k)
+    gram = x @ x.mT if rows else x.mT @ x
+    full_lam, full_w = torch.linalg.eigh(gram)
+    assert lam.shape[0] == k and w.shape[1] == k  # only the top k were computed
+    assert torch.allclose(lam, full_lam.flip(0)[:k], rtol=1e-12, atol=0)
+    overlap = (w.mT @ full_w.flip(1)[:, :k]).abs().diagonal()  # same vectors up to sign
+    assert torch.allclose(overlap, torch.ones(k, dtype=torch.float64), atol=1e-10)
+    d = power_law_tasks(8, *shape, seed=2)
+    subset = tsv_m(d)
+    monkeypatch.setattr(linalg, "SUBSET_BELOW", 0.0)
+    assert rel(tsv_m(d), subset) <= 1e-6
+
+
+def test_subset_eigensolver_is_bitwise_repeatable_at_a_fixed_thread_count():
+    prior = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = power_law_tasks(1, 128, 128, seed=3)[0].double()
+        first = linalg.top_gram_eigh(x, True, 16)
+        second = linalg.top_gram_eigh(x.clone(), True, 16)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    finally:
+        torch.set_num_threads(prior)

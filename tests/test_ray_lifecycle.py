@@ -420,3 +420,43 @@ def test_joining_a_token_cluster_needs_the_token_and_says_so_fast(ray_cluster, t
     engine = json.loads((tmp_path / "out" / "merge_report.json").read_text())["engine"]
     assert engine["embedded_cluster"] is False and engine["workers"] == 3
     print(f"joined an existing cluster in {engine['startup_s']:.2f} s")
+
+
+# -- 6. a fast teardown that leaves nothing behind ----------------------------------------------
+
+@pytest.mark.slow
+def test_a_finished_merge_leaves_no_ray_process_when_the_cli_exits(tiny_example, tmp_path):
+    """The embedded cluster is SIGKILLed at once after the commit (no graceful waits) and the
+    CLI skips Python's finalization: by the time the process has exited, no process of its
+    session is alive, the output is whole, and stderr holds nothing but the phase stamps."""
+    proc = _start_cli(_merge_argv(tiny_example, tmp_path / "out", "--engine", "ray"), tmp_path)
+    out, err = proc.communicate(timeout=180)
+    session = _session_dir(proc)
+    left = _session_processes(session) if session else set()
+    assert proc.returncode == 0, err[-3000:]
+    assert session is not None, "no Ray session named after the CLI's pid"
+    assert not left, f"Ray processes alive after the CLI exited: {left}"
+    assert err.strip() == "", err[-3000:]
+    assert out.startswith("tsv_m: ")
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["engine"]["embedded_cluster"] is True
+    assert report["engine"].get("worker_import_s", 0) > 0  # every worker was warmed up
+
+
+@pytest.mark.slow
+def test_the_cli_stamps_its_phases_on_request(tiny_example, tmp_path):
+    """MERGE_PIPELINE_PHASES=1 (benchmarks/fixed_costs_bench.py): one stamp per phase, in
+    order, on the monotonic clock this process reads too; the shutdown is quick."""
+    before = time.monotonic()
+    result = subprocess.run(_merge_argv(tiny_example, tmp_path / "out", "--engine", "ray"),
+                            capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
+                            env=_env(MERGE_PIPELINE_PHASES="1"))
+    after = time.monotonic()
+    assert result.returncode == 0, result.stderr[-3000:]
+    stamps = [line.split() for line in _lines(result.stderr)]
+    assert [s[:3] for s in stamps] == [["merge-pipeline", "phase", p]
+                                      for p in ("main", "command", "shutdown")], result.stderr
+    times = [float(s[3]) for s in stamps]
+    assert before < times[0] <= times[1] <= times[2] < after
+    print(f"shutdown {times[2] - times[1]:.2f} s, exit {after - times[2]:.2f} s")
+    assert times[2] - times[1] < 5

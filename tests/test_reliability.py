@@ -131,7 +131,9 @@ def test_verify_accepts_a_sound_output_and_names_what_is_wrong(example, tmp_path
         verify_output(example[0])
 
 
-def test_nan_is_refused_by_the_input_scan_before_anything_is_written(example, tmp_path):
+def test_nan_is_refused_by_the_shard_that_reads_it_and_nothing_is_committed(example, tmp_path):
+    """There is no separate input scan (one read per merge): the shard reading the tensor
+    refuses it, and the staged output is removed."""
     from pipeline.io import open_checkpoint
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -153,5 +155,5 @@ def test_nan_is_refused_by_the_input_scan_before_anything_is_written(example, tm
         run_merge(MergeConfig(base=example[0], finetuned=[example[1][1], str(bad)],
                               method="iso_c", alpha=1.0, out=str(tmp_path / "out")),
                   executor=Recording())
-    assert executor_calls == ["scan_file"], "no shard ran"
-    assert sorted(os.listdir(tmp_path)) == ["bad", "inputs"]
+    assert executor_calls == ["run_shard"], "no separate scan"
+    assert sorted(os.listdir(tmp_path)) == ["bad", "inputs"]  # no output, no staging

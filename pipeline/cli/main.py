@@ -7,9 +7,13 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.cli.ops import add_history_option, record
 from pipeline.cli.ops import add_parsers as add_ops_parsers
@@ -60,8 +64,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     config = merge_config_from_args(args)
     report = run_merge(config)
     print(summary_line(report, config.out))
-    from pipeline.history.rows import merge_rows
-    record(args.history, "merge", lambda ctx: merge_rows(ctx, report, config.base))
+
+    def rows(ctx: Any) -> list[dict]:
+        from pipeline.history.rows import merge_rows  # 3 s of imports (models): --history only
+        return merge_rows(ctx, report, config.base)
+
+    record(args.history, "merge", rows)
     return 0
 
 
@@ -136,7 +144,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Only this function prints errors: one line each (bugs keep their
     traceback). Ctrl-C and SIGTERM unwind as exceptions (`interrupts`), then exit 130 / 143,
     whatever exception the signal became on its way up; an embedded Ray cluster this process
-    started is shut down on every way out."""
+    started is shut down on every way out.
+
+    Called as the program (no `argv`: the console script, `python -m pipeline`), it ends the
+    process itself once it has returned its code (`_exit_now`)."""
+    phase("main")
+    code = _run(argv)
+    if argv is None:
+        _exit_now(code)
+    return code
+
+
+def phase(name: str) -> None:
+    """With MERGE_PIPELINE_PHASES=1, print when a phase of this process ends, as
+    `merge-pipeline phase NAME MONOTONIC` on stderr: the system-wide monotonic clock, so that
+    a parent process (benchmarks/fixed_costs_bench.py) can time what no report can see (the
+    imports before `main`, the shutdown, the interpreter's exit)."""
+    if os.environ.get("MERGE_PIPELINE_PHASES") == "1":
+        print(f"merge-pipeline phase {name} {time.monotonic():.4f}", file=sys.stderr, flush=True)
+
+
+def _exit_now(code: int) -> None:
+    """End the process without Python's finalization: after the exit handlers ran and the
+    output was flushed, tearing down torch's and Ray's modules and objects one by one took
+    1.5-2.5 s on 2 cores (measured), and nothing is left to do by then: the output is
+    committed (or the error said) and the embedded cluster is gone."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed (a closed pipe): nothing to say
+            stream.flush()
+    os._exit(code)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     with interrupts.signals_unwind() as received:
         try:
@@ -160,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 exc.add_note(interrupts.kept_note(exc))  # a bug: keep the traceback, add where
             raise
         finally:
+            phase("command")
             ray_cluster.shutdown_started()
+            phase("shutdown")
 
 
 if __name__ == "__main__":

@@ -140,9 +140,11 @@ class MergeConfig(ClusterOptions):
     resume: StrictBool = Field(False, description="reuse the verified files of an interrupted "
                                                   "run of the same merge",
                                json_schema_extra=_flag())
-    scan_inputs: StrictBool = Field(True, description="skip the up-front read of every input "
-                                                      "(sha256 for the report, NaN/Inf check); "
-                                                      "workers still refuse non-finite tensors",
+    scan_inputs: StrictBool = Field(True, description="skip hashing the input tensors as the "
+                                                      "workers read them: no input digests in "
+                                                      "the report, no duplicate-task check, and "
+                                                      "--resume trusts the inputs' sizes and "
+                                                      "headers; NaN/Inf are refused either way",
                                     json_schema_extra=_flag(flag="--no-input-scan",
                                                             negate=True))
     threads: WholeNumber = Field(1, ge=1, description="math threads per worker, fixed so the "

@@ -1,6 +1,9 @@
 """The driver: validate, plan, probe the nodes, run shards on an executor, commit the output.
 
-Every tensor is read and merged by the shard that owns it (`engine.worker.run_shard`). Who
+Every tensor is read and merged by the shard that owns it (`engine.worker.run_shard`), which
+hashes each input tensor as it reads it: every input byte is read once per merge, and the
+report's input digests, the duplicate-task check and --resume's input check are built from
+those digests, after the shards and before the commit. Who
 writes the files is the assembly (`--assembly`): the workers, into the output's staging
 location, when every node shares it (one machine, a shared filesystem, an object store); else
 the driver, from the tensors the workers return through Ray's object store, one shard at a time
@@ -23,7 +26,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +47,14 @@ from pipeline.engine.plan import (
 )
 from pipeline.engine.probe import HiddenPath, check_nodes
 from pipeline.engine.records import (
+    DoneMarker,
     DtypesRecord,
     EngineRecord,
     FileRecord,
+    InputCheckpoint,
+    InputDigests,
+    InputFile,
+    InputsRecord,
     MergeReport,
     ModelSize,
     NumericsRecord,
@@ -61,6 +69,7 @@ from pipeline.engine.worker import (
     MergeSettings,
     ShardJob,
     ShardResult,
+    hash_inputs,
     mark_done,
     planned_tensors,
     run_shard,
@@ -74,9 +83,9 @@ from pipeline.io.output import (
     done_marker,
     prepare_output,
 )
-from pipeline.io.reader import Checkpoint
+from pipeline.io.reader import Checkpoint, FileHeader
 from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size, write_tensor_bytes
-from pipeline.io.scan import describe_file, scan_file
+from pipeline.io.scan import describe_file, file_digest, scan_file, tensor_sha256
 from pipeline.io.storage import canonical, exists, join, read_bytes, remove, size_of
 from pipeline.methods import MethodSpec, get_method
 from pipeline.runtime.executors import make_executor
@@ -108,21 +117,27 @@ def run_merge(config: MergeConfig, executor=None, fault: Fault | None = None,
     `_prepare` reads none. `fault` and `hidden` inject failures for tests.
     """
     run = _prepare(config, executor, hidden)
-    inputs = None
-    if config.scan_inputs:  # before anything is written: a bad input leaves no trace
-        with run.clock("scan_inputs"):
-            inputs = _describe_inputs(run.executor, run.base, run.tuned)
+    hashing = config.scan_inputs
+    # A bad input (NaN/Inf, a duplicate task) is found while or after merging: it raises
+    # InputError inside the staged output, which removes the staging; nothing is committed.
     with open_staged_output(config.out, overwrite=config.overwrite,
-                            run_key=_run_key(config, run.settings, inputs),
+                            run_key=_run_key(config, run.settings, run.headers, hashing),
                             resume=config.resume) as out:
         reused = _verified_files(out.path, run.files) if out.resumed else {}
+        if reused and hashing:
+            with run.clock("hash_resumed_inputs"):
+                reused = _inputs_unchanged(run, out.path, reused)
         plan = ShardPlan(run.files, [f for f in run.files if f.name not in reused], run.base,
                          run.tuned, run.settings, run.method,
                          out.path if run.assembly == "workers" else None,
-                         run.executor.workers)
+                         run.executor.workers, hashing)
         statistics = _model_statistics(run.executor, plan, run.clock)
         with run.clock("merge"):  # each shard's files are read back as soon as it is done
             shards, manifests = _run_shards(run.executor, plan, statistics, fault, out)
+        inputs = None
+        if hashing:
+            with run.clock("input_digests"):
+                inputs = _describe_inputs(run, _input_digests(manifests, reused.values()))
         fresh = [f for m in manifests for f in m.files]
         written = _write_index(out, run.settings.mode, run.files, fresh + list(reused.values()))
         metadata_files = _write_metadata(out, run, config)
@@ -146,6 +161,7 @@ class _Prepared:
     tuned: list[Checkpoint]
     specs: dict[str, Any]
     input_dtypes: dict[str, list[str]]
+    headers: dict[str, list[FileHeader]]  # checkpoint location -> its files' headers
     files: list[PlannedFile]
     executor: Any
     engine_choice: str
@@ -162,7 +178,7 @@ def _prepare(config: MergeConfig, executor, hidden: HiddenPath | None = None) ->
     _check_distinct_locations(sources)
     final = prepare_output(config.out, config.overwrite, sources)
     with clock("validate_and_plan"):
-        base, tuned, specs, input_dtypes = _open_inputs(config)
+        base, tuned, specs, input_dtypes, headers = _open_inputs(config)
         files = plan_files(specs, method, len(tuned), mode=mode,
                            compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                            output_dtype=_dtype_name(config.output_dtype),
@@ -180,11 +196,11 @@ def _prepare(config: MergeConfig, executor, hidden: HiddenPath | None = None) ->
                              exclude=tuple(config.exclude),
                              compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
                              device=executor.device, threads=config.threads)
-    return _Prepared(config, clock, method, settings, base, tuned, specs, input_dtypes, files,
-                     executor, engine_choice, assembly)
+    return _Prepared(config, clock, method, settings, base, tuned, specs, input_dtypes, headers,
+                     files, executor, engine_choice, assembly)
 
 
-def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str, Any],
+def _report(run: _Prepared, inputs: InputsRecord | None, statistics: dict[str, Any],
             written: list[OutputFile], metadata_files: list[FileRecord], shards: list[Shard],
             manifests: list[ShardManifest], reused: list[str]) -> MergeReport:
     config, settings = run.config, run.settings
@@ -194,7 +210,8 @@ def _report(run: _Prepared, inputs: dict[str, Any] | None, statistics: dict[str,
         alpha=settings.alpha if settings.mode == "model" else None,
         alpha_grid=list(run.method.alpha_grid), output=settings.mode,
         num_tasks=len(run.tuned), options=_options(config), statistics=statistics,
-        inputs=inputs or _locations(config), outputs=written, metadata_files=metadata_files,
+        inputs=inputs.model_dump() if inputs else _locations(config), outputs=written,
+        metadata_files=metadata_files,
         model=ModelSize(tensors=len(run.specs),
                         parameters=sum(math.prod(s.shape) for s in run.specs.values())),
         versions=library_versions(),
@@ -212,7 +229,7 @@ def _options(config: MergeConfig) -> dict[str, Any]:
 
 
 def _locations(config: MergeConfig) -> dict[str, Any]:
-    """The report's inputs when they were not scanned: where they were, no checksums."""
+    """The report's inputs when they were not hashed: where they were, no checksums."""
     return {"base": {"location": config.base},
             "finetuned": [{"location": p} for p in config.finetuned]}
 
@@ -268,30 +285,35 @@ class ShardPlan:
     method: MethodSpec
     out_dir: str | None  # None: the workers return their tensors and the driver writes
     workers: int
+    hash_inputs: bool = True
 
     def jobs(self, files: list[PlannedFile], statistics: dict[str, Any] | None = None,
              fault: Fault | None = None) -> tuple[list[Shard], list[ShardJob]]:
         shards = pack_shards(files, self.workers * SHARDS_PER_WORKER) if files else []
         return shards, [ShardJob(shard, self.base.location,
                                  tuple(c.location for c in self.tuned), self.settings,
-                                 self.method, self.out_dir, statistics or {}, fault)
+                                 self.method, self.out_dir, statistics or {}, fault,
+                                 self.hash_inputs)
                         for shard in shards]
 
 
 def _open_inputs(config: MergeConfig
-                 ) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any], dict[str, list[str]]]:
+                 ) -> tuple[Checkpoint, list[Checkpoint], dict[str, Any], dict[str, list[str]],
+                            dict[str, list[FileHeader]]]:
     """Headers only: the checkpoints (closed again; their locations stay known), the base's
-    specs, and each input's floating dtypes for the report, read while the headers are open."""
+    specs, each input's floating dtypes for the report and its files' headers (the run key,
+    the input digests), read while the headers are open."""
     base = open_checkpoint(config.base)
     tuned = [open_checkpoint(path) for path in config.finetuned]
     try:
         specs = check_compatible(base, tuned)
         input_dtypes = {c.location: sorted({s.dtype for s in c.specs().values() if s.is_float})
                         for c in [base, *tuned]}
+        headers = {c.location: c.file_headers() for c in [base, *tuned]}
     finally:
         for ckpt in [base, *tuned]:
             ckpt.close()
-    return base, tuned, specs, input_dtypes
+    return base, tuned, specs, input_dtypes, headers
 
 
 def _executor_for(config: MergeConfig, files: list[PlannedFile], given) -> tuple[Any, str]:
@@ -358,7 +380,8 @@ def _assemble(out: StagedOutput, shard: Shard, result: ShardResult) -> ShardMani
         return result.manifest
     written = [mark_done(out.path, planned,
                          write_tensor_bytes(out.file(planned.name), planned.layout,
-                                            result.tensors[planned.name], {"format": "pt"}))
+                                            result.tensors[planned.name], {"format": "pt"}),
+                         result.manifest.input_digests.get(planned.name, {}))
                for planned in shard.files]
     return result.manifest.model_copy(update={"files": written})
 
@@ -392,73 +415,124 @@ def _check_distinct_locations(locations: Sequence[str]) -> None:
         seen[where] = path
 
 
-def _run_key(config: MergeConfig, settings: MergeSettings, inputs: dict | None) -> str:
+def _run_key(config: MergeConfig, settings: MergeSettings,
+             headers: dict[str, list[FileHeader]], hashing: bool) -> str:
     """Digest of everything that determines the output bytes: names the staging directory, so
-    `--resume` finds the work of an interrupted run of the same merge, and only of that. With
-    the input scan it keys on the inputs' contents, so a changed input never reuses old files."""
-    sources: Any = [config.base, *config.finetuned]
-    if inputs is not None:
-        sources = [[f["sha256"] for f in c["files"]]
-                   for c in [inputs["base"], *inputs["finetuned"]]]
-    identity = {"format": RUN_FORMAT, "inputs": sources, "fuse_qkv": config.fuse_qkv,
-                "output_dtype": config.output_dtype,
+    `--resume` finds the work of an interrupted run of the same merge, and only of that. It
+    keys on each input file's place, size and header, read without any tensor byte; a change
+    inside the data is caught by `_inputs_unchanged`, which rehashes a reused file's inputs."""
+    sources = [[[canonical(h.location), h.size, hashlib.sha256(h.header).hexdigest()]
+                for h in headers[c]] for c in [config.base, *config.finetuned]]
+    identity = {"format": RUN_FORMAT, "inputs": sources, "hash_inputs": hashing,
+                "fuse_qkv": config.fuse_qkv, "output_dtype": config.output_dtype,
                 "max_shard_size": config.max_shard_bytes,
                 "settings": dataclasses.asdict(settings)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, WrittenFile]:
+def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, DoneMarker]:
     """Finished files of an interrupted run whose done-marker matches the plan and whose bytes
     still hash to the recorded sha256; anything else is deleted and recomputed."""
     verified = {}
     for planned in files:
         path, marker = join(staging, planned.name), done_marker(staging, planned.name)
         try:
-            manifest = WrittenFile.model_validate_json(read_bytes(marker))
+            manifest = DoneMarker.model_validate_json(read_bytes(marker))
             if (manifest.tensors == planned_tensors(planned)
                     and scan_file(path)["sha256"] == manifest.sha256):
                 verified[planned.name] = manifest
                 continue
         except (OSError, ValueError, PipelineError):  # pydantic's ValidationError included
             pass
-        for stale in (path, marker):
-            remove(stale)
+        _discard(staging, planned.name)
     return verified
 
 
-def _describe_inputs(executor, base: Checkpoint, tuned: Sequence[Checkpoint]) -> dict[str, Any]:
-    checkpoints = [base, *tuned]
-    paths = [f for c in checkpoints for f in c.files]
-    scans = iter(executor.map(scan_file, [(p,) for p in paths], desc="scan inputs"))
-    described = [{"location": c.location, "files": [next(scans) for _ in c.files]}
-                 for c in checkpoints]
-    for ckpt in described:
-        for f in ckpt["files"]:
-            nonfinite = f.pop("nonfinite")
-            if nonfinite:
-                more = f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""
-                raise InputError(f"{f['path']}: key {nonfinite[0]!r} contains NaN or Inf{more}")
-    for c in described:
-        c["size"] = sum(f["size"] for f in c["files"])
+def _discard(staging: str, name: str) -> None:
+    for stale in (join(staging, name), done_marker(staging, name)):
+        remove(stale)
+
+
+def _inputs_unchanged(run: _Prepared, staging: str, reused: dict[str, DoneMarker]
+                      ) -> dict[str, DoneMarker]:
+    """The reused files whose input tensors still hash as their done-markers say. No shard
+    reads a reused file's inputs, so this is their one read in this run (and the report's
+    digests of them); a file whose inputs changed (same sizes and headers, other bytes) is
+    deleted and recomputed."""
+    by_name = {f.name: f for f in run.files}
+    locations = [run.base.location, *(c.location for c in run.tuned)]
+    kept = {}
+    for name, marker in reused.items():
+        want = by_name[name].input_keys
+        if sorted(marker.inputs) == sorted(locations) and all(
+                sorted(marker.inputs[loc]) == want for loc in locations):
+            kept[name] = marker
+        else:  # written by another plan or without hashing: its inputs are unknown
+            _discard(staging, name)
+    names = sorted(kept)
+    found = run.executor.map(hash_inputs, [({loc: by_name[n].input_keys for loc in locations},)
+                                           for n in names], desc="hash reused inputs")
+    for name, digests in zip(names, found):
+        if digests != kept[name].inputs:
+            _discard(staging, name)
+            del kept[name]
+    return kept
+
+
+def _input_digests(manifests: list[ShardManifest], reused: Iterable[DoneMarker]
+                   ) -> InputDigests:
+    """Every input tensor's digest, from the shards that read it and the reused files' checks:
+    checkpoint location -> {key: sha256}."""
+    merged: InputDigests = {}
+    sources = [d for m in manifests for d in m.input_digests.values()]
+    for digests in sources + [m.inputs for m in reused]:
+        for location, keys in digests.items():
+            merged.setdefault(location, {}).update(keys)
+    return merged
+
+
+def _describe_inputs(run: _Prepared, digests: InputDigests) -> InputsRecord:
+    """The report's inputs, each file with its `tensor_sha256` (`io.scan.file_digest`), and
+    the duplicate-task check on them. Tensors no shard read (a key a file holds but its
+    index does not list) are hashed here."""
+    described = []
+    for ckpt in [run.base, *run.tuned]:
+        known = digests.get(ckpt.location, {})
+        files = []
+        for header in run.headers[ckpt.location]:
+            missing = [k for k in header.keys if k not in known]
+            if missing:
+                known = {**known, **_hash_file_tensors(header.location, missing)}
+            files.append(InputFile(path=header.location, size=header.size,
+                                   tensor_sha256=file_digest(header.header,
+                                                             [known[k] for k in header.keys])))
+        described.append(InputCheckpoint(location=ckpt.location,
+                                         size=sum(f.size for f in files), files=files))
     _check_distinct(described)
-    return {"base": described[0], "finetuned": described[1:]}
+    return InputsRecord(base=described[0], finetuned=described[1:])
 
 
-def _check_distinct(described: list[dict[str, Any]]) -> None:
+def _hash_file_tensors(location: str, keys: list[str]) -> dict[str, str]:
+    with open_checkpoint(location) as f:  # the one file alone: it knows all its keys
+        return {key: tensor_sha256(f.read(key)) for key in keys}
+
+
+def _check_distinct(described: list[InputCheckpoint]) -> None:
     """Two tasks with the same bytes double one task's weight silently; refuse. A task equal to
-    the base has a zero task vector: legal, but almost always a wrong path, so warn."""
+    the base has a zero task vector: legal, but almost always a wrong path, so warn. Files with
+    different headers never match; equal headers are told apart by their tensors' digests."""
     fingerprints: dict[tuple, str] = {}
     for i, ckpt in enumerate(described):
-        fingerprint = tuple(f["sha256"] for f in ckpt["files"])
+        fingerprint = tuple(f.tensor_sha256 for f in ckpt.files)
         if fingerprint in fingerprints:
             first = fingerprints[fingerprint]
-            if i > 0 and first == described[0]["location"]:
-                warnings.warn(f"{ckpt['location']}: identical to the base {first}; its task "
+            if i > 0 and first == described[0].location:
+                warnings.warn(f"{ckpt.location}: identical to the base {first}; its task "
                               f"vector is zero", stacklevel=3)
                 continue
-            raise InputError(f"{ckpt['location']}: same content (sha256) as {first}; each task "
+            raise InputError(f"{ckpt.location}: same content (sha256) as {first}; each task "
                              f"needs its own fine-tuned checkpoint")
-        fingerprints[fingerprint] = ckpt["location"]
+        fingerprints[fingerprint] = ckpt.location
 
 
 def _read_back(out: StagedOutput, manifest: ShardManifest) -> None:

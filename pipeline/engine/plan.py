@@ -60,14 +60,26 @@ class MergeUnit:
 
 @dataclass(frozen=True)
 class PlannedFile:
+    """One output file: the units merged into it, and `hashed_only`: units that write nothing
+    (integer buffers of a layer group with no floating tensor, in a task vector or an
+    artefact) whose input tensors this file's shard still reads, so that every stored tensor
+    of every input is hashed exactly once, by a shard the plan names whatever the worker count.
+    """
+
     name: str
     units: tuple[MergeUnit, ...]
     layout: tuple[tuple[str, str, tuple[int, ...]], ...]  # (key, dtype, shape), write order
     cost: float
+    hashed_only: tuple[MergeUnit, ...] = ()
 
     @property
     def nbytes(self) -> int:
         return sum(math.prod(s) * dtype_size(d) for _, d, s in self.layout)
+
+    @property
+    def input_keys(self) -> list[str]:
+        """The stored keys this file's shard reads from every input checkpoint."""
+        return sorted(k for u in self.units + self.hashed_only for k in u.sources)
 
 
 @dataclass(frozen=True)
@@ -159,12 +171,32 @@ def plan_files(specs: Mapping[str, TensorSpec], method: MethodSpec, num_tasks: i
             size += nbytes
         if current:
             chunks.append(current)
-    chunks = [c for c in chunks if any(outputs for _, outputs, _ in c)]
-    names = file_names(len(chunks), mode)
+    kept, silent = _attach_silent_chunks(chunks)
+    names = file_names(len(kept), mode)
     return [PlannedFile(name, tuple(u for u, _, _ in chunk),
                         tuple(sorted(e for _, outputs, _ in chunk for e in outputs)),
-                        sum(cost for _, _, cost in chunk))
-            for name, chunk in zip(names, chunks)]
+                        sum(cost for _, _, cost in chunk), tuple(extra))
+            for name, chunk, extra in zip(names, kept, silent)]
+
+
+def _attach_silent_chunks(chunks: list[list[tuple[MergeUnit, list, float]]]
+                          ) -> tuple[list[list[tuple[MergeUnit, list, float]]],
+                                     list[list[MergeUnit]]]:
+    """Chunks that write nothing make no file; their units are read (to be hashed) by the
+    file before them in model order, or the first file when none comes before."""
+    kept: list[list[tuple[MergeUnit, list, float]]] = []
+    silent: list[list[MergeUnit]] = []
+    waiting: list[MergeUnit] = []
+    for chunk in chunks:
+        if any(outputs for _, outputs, _ in chunk):
+            kept.append(chunk)
+            silent.append(waiting)
+            waiting = []
+        elif silent:
+            silent[-1].extend(u for u, _, _ in chunk)
+        else:
+            waiting.extend(u for u, _, _ in chunk)
+    return kept, silent
 
 
 def file_names(count: int, mode: OutputMode) -> list[str]:

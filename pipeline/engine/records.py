@@ -45,6 +45,41 @@ class WrittenFile(FileRecord):
     tensors: dict[str, TensorLayout]
 
 
+# checkpoint location -> {stored key: sha256 of that tensor's bytes as stored}
+InputDigests = dict[str, dict[str, str]]
+
+
+class DoneMarker(WrittenFile):
+    """A finished file's done-marker in the staging directory: its record and the input
+    tensors it was computed from (`inputs`; empty when inputs were not hashed). --resume
+    reuses the file only if those tensors still hash the same."""
+
+    inputs: InputDigests = Field(default_factory=dict)
+
+
+class InputFile(_Record):
+    """One input file in the report. `tensor_sha256` is the sha256 of its header followed by
+    the sha256 of each tensor in file order: equal files have equal digests, but it is not
+    the sha256sum of the file (`io.scan.file_digest`)."""
+
+    path: str
+    size: int
+    tensor_sha256: str
+
+
+class InputCheckpoint(_Record):
+    location: str
+    size: int
+    files: list[InputFile]
+
+
+class InputsRecord(_Record):
+    """The report's `inputs` when they were hashed (else only their locations)."""
+
+    base: InputCheckpoint
+    finetuned: list[InputCheckpoint]
+
+
 class OutputFile(FileRecord):
     tensors: int  # how many tensors it holds
 
@@ -82,6 +117,8 @@ class ShardManifest(ShardWork):
     shard: int
     files: list[WrittenFile]
     numerics: list[str]  # numerical fallbacks, one line each
+    # planned file -> the input tensors read for it and their sha256 (empty: not hashed)
+    input_digests: dict[str, InputDigests] = Field(default_factory=dict)
 
 
 class ShardRecord(ShardWork):

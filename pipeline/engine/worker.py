@@ -23,12 +23,20 @@ import numpy as np
 import torch
 
 from pipeline.engine.plan import MergeUnit, OutputMode, PlannedFile, Shard
-from pipeline.engine.records import ShardManifest, ShardSeconds, TensorLayout, WrittenFile
+from pipeline.engine.records import (
+    DoneMarker,
+    InputDigests,
+    ShardManifest,
+    ShardSeconds,
+    TensorLayout,
+    WrittenFile,
+)
 from pipeline.errors import InputError, TransientError
 from pipeline.io import safetensors_io
 from pipeline.io.output import done_marker, write_json_atomic
 from pipeline.io.reader import Checkpoint, open_checkpoint
 from pipeline.io.safetensors_io import DTYPES, tensor_bytes, write_stream
+from pipeline.io.scan import tensor_sha256
 from pipeline.io.storage import join, remove
 from pipeline.methods import DEFAULT_EXCLUDE, MethodSpec, compress_key, merge_key, numerics_log
 from pipeline.runtime.executors import current_node_id
@@ -74,6 +82,9 @@ class ShardJob:
     out_dir: str | None  # None: return the tensors to the driver (`--assembly driver`)
     statistics: dict[str, Any] = field(default_factory=dict)
     fault: Fault | None = None
+    # Hash every input tensor as it is read (the report's input digests, the duplicate-task
+    # check, --resume's input check): the merge's one read of the inputs serves all of them.
+    hash_inputs: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,12 +111,16 @@ def _prepare(settings: MergeSettings) -> torch.device:
     return torch.device(settings.device)
 
 
-def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.Tensor:
+def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters,
+               digests: dict[str, str] | None = None) -> torch.Tensor:
     """The unit as the math sees it: sources concatenated on dim 0 and, for a `transposed`
     unit, turned into open_clip's orientation (contiguous, so the SVDs see the same memory
-    layout, and so the same bits, as for the open_clip checkpoint itself)."""
+    layout, and so the same bits, as for the open_clip checkpoint itself). With `digests`,
+    each source's stored bytes are hashed into it first (reading time includes hashing)."""
     start = time.perf_counter()
     parts = [ckpt.read(key) for key in unit.sources]
+    if digests is not None:
+        digests.update((key, tensor_sha256(part)) for key, part in zip(unit.sources, parts))
     tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if unit.is_float and not bool(torch.isfinite(tensor).all()):
         bad = next(k for k, p in zip(unit.sources, parts) if not bool(torch.isfinite(p).all()))
@@ -117,27 +132,46 @@ def _read_unit(ckpt: Checkpoint, unit: MergeUnit, counters: _Counters) -> torch.
     return tensor
 
 
-def iter_unit_deltas(job: ShardJob, counters: _Counters, floats_only: bool = False
+def iter_unit_deltas(job: ShardJob, counters: _Counters, floats_only: bool = False,
+                     digests: dict[str, InputDigests] | None = None
                      ) -> Generator[tuple[MergeUnit, torch.Tensor, torch.Tensor | None],
                                     None, None]:
     """(unit, base tensor, stacked task vectors in the compute dtype on the compute device)
     for every unit of the shard, in plan order and in the unit's orientation (`_read_unit`);
-    task vectors are None for integer buffers."""
+    task vectors are None for integer buffers.
+
+    With `digests` (a merge, never a statistics pass) every input tensor the plan gives this
+    shard is hashed into digests[file][checkpoint], including those the math does not need
+    (the fine-tunes' integer buffers, a file's `hashed_only` units): each is read once in all.
+    """
     device = _prepare(job.settings)
     compute = DTYPES[job.settings.compute_dtype]
     base = open_checkpoint(job.base)
     tuned = [open_checkpoint(path) for path in job.finetuned]
+
+    def sink(planned: PlannedFile, ckpt: Checkpoint) -> dict[str, str] | None:
+        if digests is None:
+            return None
+        return digests.setdefault(planned.name, {}).setdefault(ckpt.location, {})
+
     try:
         for planned in job.shard.files:
+            if digests is not None:  # first: a generator closed after a file's last unit
+                for unit in planned.hashed_only:  # would never come back to them
+                    for ckpt in [base, *tuned]:
+                        _read_unit(ckpt, unit, counters, sink(planned, ckpt))
             for unit in planned.units:
                 if not unit.is_float:
+                    if digests is not None:  # copied from the base, hashed everywhere
+                        for ckpt in tuned:
+                            _read_unit(ckpt, unit, counters, sink(planned, ckpt))
                     if not floats_only:
-                        yield unit, _read_unit(base, unit, counters), None
+                        yield unit, _read_unit(base, unit, counters, sink(planned, base)), None
                     continue
-                theta0 = _read_unit(base, unit, counters)
+                theta0 = _read_unit(base, unit, counters, sink(planned, base))
                 theta0_c = theta0.to(device=device, dtype=compute)
-                deltas = torch.stack([_read_unit(c, unit, counters).to(device=device,
-                                                                       dtype=compute) - theta0_c
+                deltas = torch.stack([_read_unit(c, unit, counters, sink(planned, c))
+                                      .to(device=device, dtype=compute) - theta0_c
                                       for c in tuned])
                 yield unit, theta0_c, deltas
     finally:
@@ -175,8 +209,9 @@ def run_shard(job: ShardJob) -> ShardResult:
     started = time.perf_counter()
     counters = _Counters()
     files, returned = [], {}
+    digests: dict[str, InputDigests] | None = {} if job.hash_inputs else None
     with numerics_log() as log:
-        units = iter_unit_deltas(job, counters)
+        units = iter_unit_deltas(job, counters, digests=digests)
         for planned in job.shard.files:
             outputs: dict[str, torch.Tensor] = {}
             for _ in planned.units:
@@ -191,7 +226,8 @@ def run_shard(job: ShardJob) -> ShardResult:
             if job.out_dir is None:
                 returned[planned.name] = [np.asarray(tensor_bytes(t)) for _, t in ordered]
             else:
-                files.append(_write_file(job, planned, ordered))
+                files.append(_write_file(job, planned, ordered,
+                                         (digests or {}).get(planned.name, {})))
             counters.write_s += time.perf_counter() - t0
         units.close()
     manifest = ShardManifest(
@@ -204,21 +240,21 @@ def run_shard(job: ShardJob) -> ShardResult:
                              read=round(counters.read_s, 4),
                              compute=round(counters.compute_s, 4),
                              write=round(counters.write_s, 4), svd=round(log.svd_seconds, 4)),
-        svd_calls=log.svd_calls, numerics=log.events,
+        svd_calls=log.svd_calls, numerics=log.events, input_digests=digests or {},
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_device_bytes=(torch.cuda.max_memory_allocated()
                            if job.settings.device == "cuda" else None))
     return ShardResult(manifest, returned)
 
 
-def _write_file(job: ShardJob, planned: PlannedFile,
-                tensors: Iterator[tuple[str, torch.Tensor]]) -> WrittenFile:
+def _write_file(job: ShardJob, planned: PlannedFile, tensors: Iterator[tuple[str, torch.Tensor]],
+                inputs: InputDigests) -> WrittenFile:
     """Stream one planned file into the output's staging location, with its done-marker (its
-    manifest, checked again by --resume)."""
+    manifest and input digests, checked again by --resume)."""
     assert job.out_dir is not None
     written = write_stream(join(job.out_dir, planned.name), planned.layout, tensors,
                            {"format": "pt"})
-    record = mark_done(job.out_dir, planned, written)
+    record = mark_done(job.out_dir, planned, written, inputs)
     if _fault_fires(job, "lose"):
         remove(join(job.out_dir, planned.name))
     return record
@@ -229,14 +265,26 @@ def planned_tensors(planned: PlannedFile) -> dict[str, TensorLayout]:
     return {k: TensorLayout(dtype=d, shape=list(s)) for k, d, s in planned.layout}
 
 
-def mark_done(directory: str, planned: PlannedFile, written: safetensors_io.WrittenFile
-              ) -> WrittenFile:
+def mark_done(directory: str, planned: PlannedFile, written: safetensors_io.WrittenFile,
+              inputs: InputDigests) -> WrittenFile:
     """The record of a file just written into `directory` (by a worker or by the assembling
-    driver), also written beside it as its done-marker, which --resume checks again."""
+    driver); its done-marker beside it adds the digests of the input tensors it came from,
+    which --resume checks again."""
     record = WrittenFile(name=written.name, size=written.size, sha256=written.sha256,
                          tensors=planned_tensors(planned))
-    write_json_atomic(done_marker(directory, written.name), record.model_dump(mode="json"))
+    marker = DoneMarker(**record.model_dump(), inputs=inputs)
+    write_json_atomic(done_marker(directory, written.name), marker.model_dump(mode="json"))
     return record
+
+
+def hash_inputs(wanted: dict[str, list[str]]) -> InputDigests:
+    """sha256 of the named stored tensors of each checkpoint (location -> keys): what --resume
+    compares with a reused file's done-marker, since no shard reads that file's inputs."""
+    found: InputDigests = {}
+    for location, keys in wanted.items():
+        with open_checkpoint(location) as ckpt:
+            found[location] = {key: tensor_sha256(ckpt.read(key)) for key in keys}
+    return found
 
 
 def _maybe_fail(job: ShardJob) -> None:

@@ -44,6 +44,18 @@ class TensorSpec:
         return self.dtype in FLOAT_DTYPES
 
 
+@dataclass(frozen=True)
+class FileHeader:
+    """What identifies one checkpoint file besides its tensors' bytes: its size, its header
+    (a safetensors file's 8-byte length and JSON header as stored; for a torch file, which
+    has none, the sorted (key, dtype, shape) list as JSON) and its keys in data order."""
+
+    location: str
+    size: int
+    header: bytes
+    keys: tuple[str, ...]
+
+
 class Checkpoint:
     """Lazy key -> tensor view over one checkpoint (a file or a model directory)."""
 
@@ -71,6 +83,10 @@ class Checkpoint:
 
     def specs(self) -> dict[str, TensorSpec]:
         return {k: self.spec(k) for k in self.keys()}
+
+    def file_headers(self) -> list[FileHeader]:
+        """Each file's header, from the handles already open (no tensor data read)."""
+        return [self._handle(f).header(f) for f in self.files]
 
     # -- data -------------------------------------------------------------------------------
     def read(self, key: str) -> torch.Tensor:
@@ -111,6 +127,8 @@ class _FileHandle(Protocol):
 
     def read(self, key: str) -> torch.Tensor: ...
 
+    def header(self, location: str) -> FileHeader: ...
+
     def close(self) -> None: ...
 
 
@@ -121,6 +139,10 @@ class _SafetensorsHandle:
 
     def read(self, key: str) -> torch.Tensor:
         return self._file.read(key)
+
+    def header(self, location: str) -> FileHeader:
+        order = sorted(self._file.entries, key=lambda k: self._file.entries[k].start)
+        return FileHeader(location, self._file.size, self._file.header_bytes, tuple(order))
 
     def close(self) -> None:
         self._file.close()
@@ -137,6 +159,12 @@ class _TorchHandle:
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def header(self, location: str) -> FileHeader:
+        keys = sorted(self.specs)
+        listing = [[k, self.specs[k].dtype, list(self.specs[k].shape)] for k in keys]
+        return FileHeader(location, storage.size_of(location) or 0,
+                          json.dumps(listing, separators=(",", ":")).encode(), tuple(keys))
 
     def close(self) -> None:
         self._tensors = {}

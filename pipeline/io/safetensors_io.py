@@ -127,15 +127,23 @@ class SafetensorsFile:
     def __init__(self, location: str):
         self.location = location
         self._reader: RangeReader = open_range_reader(location)
+        raw: list[bytes] = []
+
+        def read_header(n: int) -> bytes:
+            raw.append(bytes(self._reader.read_range(8, n)))
+            return raw[-1]
+
         try:
             size = self._reader.size
             head = self._reader.read_range(0, min(8, size)) if size else b""
-            self.entries, self.metadata = parse_header(
-                head, lambda n: self._reader.read_range(8, n), size, location)
+            self.entries, self.metadata = parse_header(head, read_header, size, location)
         except BaseException:
             self._reader.close()
             raise
         self.size = size
+        # The 8-byte length and the JSON header as stored: with each tensor's sha256 they
+        # identify the file's content without hashing its data twice (`io.scan.file_digest`).
+        self.header_bytes = bytes(head[:8]) + raw[0]
 
     def read(self, key: str) -> torch.Tensor:
         entry = self.entries[key]

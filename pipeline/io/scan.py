@@ -1,15 +1,17 @@
-"""One read of an input file that yields its sha256 and the keys holding NaN or Inf.
+"""Checksums of checkpoint files: whole files (outputs, read back before a commit) and inputs
+identified from their tensors' digests.
 
-The report wants every input's checksum and the merge must refuse non-finite weights before any
-compute; both need the bytes, so one pass does both. A safetensors data section is its tensors
-back to back (the header parser guarantees it), so hashing the header and then each tensor in
-offset order hashes the file exactly, while each tensor is checked as it goes by. Memory stays
-at one tensor.
+An input is read once per merge, by the workers, who hash each stored tensor as they read it
+(`tensor_sha256`); an input file's digest is then `file_digest`: the sha256 of its header
+followed by each tensor's sha256 in file order. Equal files have equal digests and any changed
+byte changes it, but it is not the file's sha256sum. `scan_file` (one read that yields a whole
+file's sha256 and its non-finite keys) serves `verify`, which checks outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,6 +21,23 @@ from pipeline.io.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from pipeline.io.storage import open_range_reader
 
 CHUNK = 16 << 20
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (before any dtype conversion): in a safetensors
+    file, exactly its span of the data section."""
+    data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(header: bytes, tensor_digests: Sequence[str]) -> str:
+    """An input file's `tensor_sha256`: sha256 of its header bytes followed by the raw 32-byte
+    sha256 of each tensor in data order. Computed from digests the workers made while reading,
+    so no byte is read twice for it."""
+    digest = hashlib.sha256(header)
+    for hexdigest in tensor_digests:
+        digest.update(bytes.fromhex(hexdigest))
+    return digest.hexdigest()
 
 
 def scan_file(location: str) -> dict[str, Any]:

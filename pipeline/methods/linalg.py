@@ -110,6 +110,49 @@ def gram_eigh(x: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(0).clamp(min=0), w.flip(1)
 
 
+# TSV-M keeps r / T of the r directions of each task. After the tridiagonal reduction, LAPACK's
+# MRRR (syevr) computes just those eigenvectors; torch's eigh (divide and conquer) computes all
+# r, and so takes 1.5-2.5x longer on CPU for r = 768..1024 and k = r/8..r/20, at the same
+# float64 accuracy. torch has no subset eigensolver; SciPy's LAPACK does. Past a third of the
+# short side, or on a GPU, the full eigh is as fast, and is used.
+SUBSET_BELOW = 1 / 3
+
+
+def top_gram_eigh(x: torch.Tensor, rows: bool, count: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` largest eigenvalues (descending, clamped at 0) of x x^T (rows) or x^T x,
+    and their eigenvectors; at least the top `count`, maybe all."""
+    gram = x @ x.mT if rows else x.mT @ x
+    size = gram.shape[0]
+    if gram.device.type != "cpu" or count > SUBSET_BELOW * size:
+        with _timed():
+            lam, w = torch.linalg.eigh(gram)
+        return lam.flip(0).clamp(min=0), w.flip(1)
+    lapack = _scipy_linalg()
+    with _timed():
+        lam_np, w_np = lapack.eigh(gram.numpy(), driver="evr", check_finite=False,
+                                         subset_by_index=[size - count, size - 1])
+    lam, w = torch.from_numpy(lam_np).to(x.dtype), torch.from_numpy(w_np).to(x.dtype)
+    return lam.flip(0).clamp(min=0), w.flip(1)
+
+
+_blas_threads: int | None = None
+
+
+def _scipy_linalg():
+    """SciPy's LAPACK, its BLAS limited to torch's thread count: the thread count changes the
+    bits of a decomposition, so it follows the caller's setting (the engine fixes it per
+    worker), never the library's default. Imported on first use: it costs about a second."""
+    global _blas_threads
+    import scipy.linalg
+    threads = torch.get_num_threads()
+    if _blas_threads != threads:
+        import threadpoolctl
+        threadpoolctl.threadpool_limits(threads, user_api="blas")
+        _blas_threads = threads
+    return scipy.linalg
+
+
 def float64_svd(x: torch.Tensor, why: str):
     """The fallback when a Gram cannot be trusted: a robust SVD of x (float64), recorded."""
     _record(f"{why}: {'x'.join(map(str, x.shape))} beyond float64 Gram accuracy; "
@@ -146,7 +189,19 @@ def top_svd(x: torch.Tensor, k: int, float32_subspace: bool = False
         found = _top_svd_mixed(x, k, oversampled)
         if found is not None:
             return found
+    xd = x.to(torch.float64)
+    rows = xd.shape[0] <= xd.shape[1]
+    lam, w = top_gram_eigh(xd, rows, k)
+    if k == 0 or lam[k - 1] > GRAM_TRUST * lam[0]:
+        return _triplets_from_gram(xd, rows, lam[:k].sqrt(), w[:, :k])
     return top_svd_and_complement(x, k)[:3]
+
+
+def _triplets_from_gram(xd: torch.Tensor, rows: bool, s: torch.Tensor, top: torch.Tensor):
+    """(U, s, Vh) from the top eigenvectors of the short side's Gram: one product."""
+    if rows:
+        return top, s, (top.mT @ xd) / s[:, None]
+    return (xd @ top) / s, s, top.mT
 
 
 def _top_svd_mixed(x: torch.Tensor, k: int, oversampled: int):
@@ -176,10 +231,7 @@ def top_svd_and_complement(x: torch.Tensor, k: int, why: str = "top singular tri
     rows = xd.shape[0] <= xd.shape[1]
     lam, w = gram_eigh(xd, rows)
     if k == 0 or lam[k - 1] > GRAM_TRUST * lam[0]:
-        s, top = lam[:k].sqrt(), w[:, :k]
-        if rows:
-            return top, s, (top.mT @ xd) / s[:, None], w[:, k:]
-        return (xd @ top) / s, s, top.mT, w[:, k:]
+        return (*_triplets_from_gram(xd, rows, lam[:k].sqrt(), w[:, :k]), w[:, k:])
     u, s, vh = float64_svd(xd, why)
     if rows:  # m <= n: u is square
         return u[:, :k], s[:k], vh[:k], u[:, k:]
