@@ -479,6 +479,13 @@ def test_subset_eigensolver_gives_the_full_eigh_top_k(shape, k, monkeypatch):
     assert rel(tsv_m(d), subset) <= 1e-6
 
 
+def test_tsv_with_more_tasks_than_rank_keeps_nothing_per_task():
+    d = torch.randn(20, 10, 12)
+    assert torch.equal(tsv_m(d), torch.zeros(10, 12))
+    factors = tsv_c(d)
+    assert factors["U"].shape == (20, 10, 0) and factors["Vh"].shape == (20, 0, 12)
+
+
 def test_subset_eigensolver_is_bitwise_repeatable_at_a_fixed_thread_count():
     prior = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -124,14 +124,14 @@ def top_gram_eigh(x: torch.Tensor, rows: bool, count: int
     and their eigenvectors; at least the top `count`, maybe all."""
     gram = x @ x.mT if rows else x.mT @ x
     size = gram.shape[0]
-    if gram.device.type != "cpu" or count > SUBSET_BELOW * size:
+    if gram.device.type != "cpu" or not 0 < count <= SUBSET_BELOW * size:
         with _timed():
             lam, w = torch.linalg.eigh(gram)
         return lam.flip(0).clamp(min=0), w.flip(1)
     lapack = _scipy_linalg()
     with _timed():
         lam_np, w_np = lapack.eigh(gram.numpy(), driver="evr", check_finite=False,
-                                         subset_by_index=[size - count, size - 1])
+                                   subset_by_index=[size - count, size - 1])
     lam, w = torch.from_numpy(lam_np).to(x.dtype), torch.from_numpy(w_np).to(x.dtype)
     return lam.flip(0).clamp(min=0), w.flip(1)
 
