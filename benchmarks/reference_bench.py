@@ -72,8 +72,8 @@ import spec_reference  # noqa: E402
 
 from pipeline.io import open_checkpoint, write_json_atomic  # noqa: E402
 from pipeline.io.layout import block_of, transposed_vs_open_clip  # noqa: E402
-from pipeline.io.output import write_file_atomic  # noqa: E402
 from pipeline.io.reader import TensorSpec  # noqa: E402
+from pipeline.io.storage import write_bytes  # noqa: E402
 from pipeline.methods import DEFAULT_EXCLUDE, get_method  # noqa: E402
 from pipeline.runtime.ray_cluster import usable_cpus  # noqa: E402
 
@@ -188,11 +188,6 @@ def _num(value: float | None, fmt: str, missing: str = "-") -> str:
     return missing if value is None else fmt.format(value)
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """A reader (or a rerun after Ctrl-C) sees the old file or the whole new one."""
-    write_file_atomic(path, lambda f: f.write(data))
-
-
 # -- the reference code -----------------------------------------------------------------------
 
 def fetch_reference(cache: str) -> str:
@@ -213,7 +208,7 @@ def fetch_reference(cache: str) -> str:
     for name, data in files.items():
         path = os.path.join(src, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_bytes_atomic(path, data)
+        write_bytes(path, data)
     return src
 
 
@@ -464,7 +459,7 @@ def main() -> None:
                        + (["Failures:\n" + "\n".join(f"- {e}" for e in failures)]
                           if failures else [])) + "\n"
     print("\n" + text, flush=True)
-    write_bytes_atomic(os.path.join(out, "reference_bench.md"), text.encode())
+    write_bytes(os.path.join(out, "reference_bench.md"), text.encode())
     write_json_atomic(os.path.join(out, "reference_bench.json"), {
         "cores_host": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
         "reference": FUSION_BENCH, "ours_args": ours_args, "error_layers": args.error_layers,

@@ -85,7 +85,7 @@ from pipeline.io.output import (
 )
 from pipeline.io.reader import Checkpoint, FileHeader
 from pipeline.io.safetensors_io import DTYPE_NAMES, DTYPES, dtype_size, write_tensor_bytes
-from pipeline.io.scan import describe_file, file_digest, scan_file, tensor_sha256
+from pipeline.io.scan import describe_file, file_digest
 from pipeline.io.storage import canonical, exists, join, read_bytes, remove, size_of
 from pipeline.methods import MethodSpec, get_method
 from pipeline.runtime.executors import make_executor
@@ -439,7 +439,7 @@ def _verified_files(staging: str, files: list[PlannedFile]) -> dict[str, DoneMar
         try:
             manifest = DoneMarker.model_validate_json(read_bytes(marker))
             if (manifest.tensors == planned_tensors(planned)
-                    and scan_file(path)["sha256"] == manifest.sha256):
+                    and describe_file(path)["sha256"] == manifest.sha256):
                 verified[planned.name] = manifest
                 continue
         except (OSError, ValueError, PipelineError):  # pydantic's ValidationError included
@@ -501,8 +501,8 @@ def _describe_inputs(run: _Prepared, digests: InputDigests) -> InputsRecord:
         files = []
         for header in run.headers[ckpt.location]:
             missing = [k for k in header.keys if k not in known]
-            if missing:
-                known = {**known, **_hash_file_tensors(header.location, missing)}
+            if missing:  # the one file alone: it knows all its keys
+                known = {**known, **hash_inputs({header.location: missing})[header.location]}
             files.append(InputFile(path=header.location, size=header.size,
                                    tensor_sha256=file_digest(header.header,
                                                              [known[k] for k in header.keys])))
@@ -510,11 +510,6 @@ def _describe_inputs(run: _Prepared, digests: InputDigests) -> InputsRecord:
                                          size=sum(f.size for f in files), files=files))
     _check_distinct(described)
     return InputsRecord(base=described[0], finetuned=described[1:])
-
-
-def _hash_file_tensors(location: str, keys: list[str]) -> dict[str, str]:
-    with open_checkpoint(location) as f:  # the one file alone: it knows all its keys
-        return {key: tensor_sha256(f.read(key)) for key in keys}
 
 
 def _check_distinct(described: list[InputCheckpoint]) -> None:

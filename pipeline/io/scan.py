@@ -26,8 +26,11 @@ CHUNK = 16 << 20
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes as stored (before any dtype conversion): in a safetensors
     file, exactly its span of the data section."""
-    data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(_stored_bytes(tensor)).hexdigest()
+
+
+def _stored_bytes(tensor: torch.Tensor):
+    return tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
 
 
 def file_digest(header: bytes, tensor_digests: Sequence[str]) -> str:
@@ -59,8 +62,7 @@ def _scan_safetensors(location: str) -> dict[str, Any]:
         bad = []
         for key, entry in entries:
             tensor = f.read(key)
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data
-                          if tensor.numel() else b"")
+            digest.update(_stored_bytes(tensor))
             if entry.dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
                 bad.append(key)
         return {"path": location, "size": f.size, "sha256": digest.hexdigest(),

@@ -194,7 +194,8 @@ def top_svd(x: torch.Tensor, k: int, float32_subspace: bool = False
     lam, w = top_gram_eigh(xd, rows, k)
     if k == 0 or lam[k - 1] > GRAM_TRUST * lam[0]:
         return _triplets_from_gram(xd, rows, lam[:k].sqrt(), w[:, :k])
-    return top_svd_and_complement(x, k)[:3]
+    u, s, vh = float64_svd(xd, "top singular triplets")
+    return u[:, :k], s[:k], vh[:k]
 
 
 def _triplets_from_gram(xd: torch.Tensor, rows: bool, s: torch.Tensor, top: torch.Tensor):
