@@ -270,3 +270,50 @@ def test_cli_evaluate_sweep_and_bench(tiny_suite, tmp_path, capsys):
     assert main(["bench", *common, "--methods", "tsv_c", "--out", str(tmp_path / "c")]) == 2
     assert main(["sweep", *common, "--task-vector", str(tmp_path / "tv"), "--grid",
                  "0,1"]) == 2
+
+
+def test_bench_runs_each_task_count_into_its_own_directory(tiny_suite, tmp_path, capsys):
+    from pipeline.cli.main import main
+    path, _, _ = tiny_suite
+    out = tmp_path / "b"
+    assert main(["bench", "--suite", path, "--tasks", "2,3", "--engine", "local",
+                 "--methods", "average", "--out", str(out)]) == 0
+    for count in (2, 3):
+        summary = json.loads((out / f"T{count}" / "summary.json").read_text())
+        assert summary["num_tasks"] == count and len(summary["tasks"]) == count
+    assert sorted(os.listdir(out)) == ["T2", "T3"]
+    assert "T=2" in capsys.readouterr().out
+    for bad in ("0", "2,x", ",", "-1"):
+        with pytest.raises(SystemExit):
+            main(["bench", "--suite", path, "--tasks", bad, "--out", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_regime_reports_geometry_and_cross_task_accuracy(tiny_suite, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.cli.main import main
+    path, _, _ = tiny_suite
+    assert main(["regime", "--suite", path, "--tasks", "3", "--engine", "local",
+                 "--json", str(tmp_path / "regime.json")]) == 0
+    report = json.loads((tmp_path / "regime.json").read_text())
+    tasks = report["order"]
+    assert tasks == ["digits", "shapes", "orientation"] and report["split"] == "val"
+
+    def flat(directory):
+        state = load_file(os.path.join(directory, "model.safetensors"))
+        return torch.cat([state[k].double().flatten() for k in sorted(state)
+                          if state[k].is_floating_point()])
+    theta0 = flat(os.path.join(path, "pretrained"))
+    taus = [flat(os.path.join(path, "finetuned", t)) - theta0 for t in tasks]
+    for t, tau in zip(tasks, taus):  # an independent computation over the whole file
+        assert report["tasks"][t]["tau_norm_ratio"] == pytest.approx(
+            float(tau.norm() / theta0.norm()), rel=1e-9)
+    cosine = np.array(report["cosine"])
+    assert cosine[0, 1] == pytest.approx(float(taus[0] @ taus[1] / taus[0].norm()
+                                               / taus[1].norm()), rel=1e-9)
+    assert np.allclose(np.diag(cosine), 1) and np.allclose(cosine, cosine.T)
+    for t in tasks:
+        row = report["tasks"][t]
+        assert 0 < row["zero_shot"] < row["finetuned"] <= 1
+        assert 0 <= row["cross_worst"] <= row["cross_relative"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -14,6 +15,8 @@ from pipeline.cli.main import main
 from pipeline.errors import InputError
 from pipeline.history.nightly import EXIT_REGRESSION, NightlyConfig, load_nightly_config, run_nightly
 from pipeline.history.store import MEAN, append_run, read_history
+from pipeline.methods import registry
+from pipeline.methods.isotropic import iso_cts_subspace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,6 +110,33 @@ def check_self_contained(page: str, images: int) -> None:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+def _iso_cts_without_flattening(deltas, *, common_space_fraction: float = 0.8):
+    """Iso-CTS with its one defining step removed: the singular values kept as they came."""
+    polar_u, s_all, polar_vh = iso_cts_subspace(deltas, common_space_fraction)
+    return ((polar_u * s_all) @ polar_vh).to(deltas.dtype)
+
+
+@pytest.mark.slow
+def test_the_nightly_flags_a_broken_iso_cts_against_normal_nights(tiny_suite, tmp_path,
+                                                                   monkeypatch):
+    config = NightlyConfig(history=str(tmp_path / "history"), report=str(tmp_path / "r.html"),
+                           work_dir=str(tmp_path / "work"), suites=[tiny_suite[0]],
+                           task_counts=[None], methods=["task_arithmetic", "iso_cts"],
+                           engine="local")
+    normal = [run_nightly(config, log=lambda *_: None) for _ in range(2)]
+    assert [n.exit_code for n in normal] == [0, 0]
+
+    spec = registry._REGISTRY["iso_cts"]
+    monkeypatch.setitem(registry._REGISTRY, "iso_cts",
+                        dataclasses.replace(spec, fn=_iso_cts_without_flattening))
+    broken = run_nightly(config, log=lambda *_: None)
+    assert broken.exit_code == EXIT_REGRESSION
+    flagged = {(r.method, r.metric) for r in broken.regressions}
+    assert flagged == {("iso_cts", "normalized_accuracy")}, [r.describe() for r in
+                                                              broken.regressions]
+    assert "REGRESSION" in open(config.report, encoding="utf-8").read().upper()
 
 
 def test_a_failed_cell_is_reported_and_the_others_still_recorded(tiny_suite, tmp_path):

@@ -22,10 +22,27 @@ def _add_recording_options(p: argparse.ArgumentParser) -> None:
     add_history_option(p)
 
 
-def _add_suite_options(p: argparse.ArgumentParser, models: bool = True) -> None:
+def _task_counts(value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive task counts, comma-separated "
+                                         f"(e.g. 8,14,20), got {value!r}")
+    return counts
+
+
+def _add_suite_options(p: argparse.ArgumentParser, models: bool = True,
+                       counts: bool = False) -> None:
     p.add_argument("--suite", help="built-in suite name (standard, tiny) or a built suite's "
                                    "directory (default: standard, unless --tasks-file)")
-    p.add_argument("--tasks", type=int, help="use the first N tasks (default: all)")
+    if counts:
+        p.add_argument("--tasks", type=_task_counts, metavar="T[,T...]",
+                       help="benchmark the first T tasks, for each T given (default: the "
+                            "suite's task counts, standard: 8,14,20; a manifest: all tasks)")
+    else:
+        p.add_argument("--tasks", type=int, help="use the first N tasks (default: all)")
     if not models:
         return
     p.add_argument("--tasks-file", help="a task manifest (YAML): your tasks' data, splits and "
@@ -71,7 +88,7 @@ def add_parsers(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="build the suite, merge with each method, search "
                                          "alpha, write summary.json/.parquet/.md")
-    _add_suite_options(bench)
+    _add_suite_options(bench, counts=True)
     bench.add_argument("--methods", default=None,
                        help="comma-separated (default: average,task_arithmetic,ties,tsv_m,"
                             "iso_c,iso_cts)")
@@ -82,6 +99,15 @@ def add_parsers(sub: Any) -> None:
                        help="a method parameter, e.g. iso_cts:common_space_fraction=0.8")
     _add_recording_options(bench)
     bench.set_defaults(func=cmd_bench)
+
+
+    regime = sub.add_parser("regime", help="is merging possible on these fine-tunes? task-vector "
+                                           "geometry and cross-task interference")
+    _add_suite_options(regime)
+    regime.add_argument("--split", choices=["val", "test"], default="val")
+    regime.add_argument("--json", help="also write the report to this JSON file")
+    _add_cluster_options(regime)
+    regime.set_defaults(func=cmd_regime)
 
 
 def _executor(cluster: ClusterOptions):
@@ -192,9 +218,40 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_regime(args) -> int:
+    import tempfile
+
+    from pipeline.bench.regime import format_regime, regime_report, task_vector_geometry
+    from pipeline.bench.runner import merge_inputs, reference_rows
+    from pipeline.io import storage
+    from pipeline.models.weights import Weights
+    cluster = cluster_options(vars(args))
+    task_set = _task_set(args, cluster)
+    tasks, models = task_set.task_names, task_set.finetuned_checkpoints()
+    with tempfile.TemporaryDirectory(prefix="merge-pipeline-regime-") as work:
+        base, finetuned = merge_inputs(task_set, storage.join(work, "inputs"))
+        geometry = task_vector_geometry(base, finetuned)
+    pool = _pool_for(cluster, task_set, args.precision)
+    try:
+        refs = reference_rows(pool, task_set)
+        pairs = [(t, j) for j in range(len(tasks)) for t in tasks if t != tasks[j]]
+        counts = pool.counts([(Weights.model(models[j]), t, args.split) for t, j in pairs],
+                             "cross-task")
+    finally:
+        pool.close()
+    cross = {(t, tasks[j]): c / n for (t, j), (c, n) in zip(pairs, counts)}
+    report = regime_report(tasks, geometry, refs["zero_shot"][args.split],
+                           refs["finetuned"][args.split], cross, args.split)
+    print(format_regime(report))
+    _maybe_write(args.json, report.model_dump())
+    return 0
+
+
 def cmd_bench(args) -> int:
     from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
+    from pipeline.bench.suites.build import bench_task_counts
     from pipeline.engine.config import parse_params
+    from pipeline.io import storage
     params: dict[str, dict[str, Any]] = {}
     for item in args.param:
         method, sep, assignment = item.partition(":")
@@ -203,18 +260,26 @@ def cmd_bench(args) -> int:
         params.setdefault(method, {}).update(parse_params([assignment]))
     methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
     cluster = cluster_options(vars(args))
-    summary = run_bench(BenchOptions(
-        suite=args.suite, tasks_file=args.tasks_file, base=args.base,
-        finetuned=args.finetuned or (), precision=args.precision,
-        tasks=args.tasks, methods=methods, out=args.out,
-        engine=cluster.actor_engine, workers=cluster.workers, address=cluster.address,
-        device=cluster.device,
-        early_stop=args.early_stop, cache=args.cache, overwrite=args.overwrite, params=params))
-    print(format_table(summary))
-    print(f"wrote {args.out}/summary.json, summary.parquet, summary.md "
-          f"({summary.timings_s['total']:.0f} s)")
+    counts = args.tasks or bench_task_counts(args.suite, args.tasks_file)
+    summaries = []
+    for count in counts:
+        # Several task counts: one output directory each, T<count>, under --out.
+        out = args.out if len(counts) == 1 else storage.join(args.out, f"T{count}")
+        summary = run_bench(BenchOptions(
+            suite=args.suite, tasks_file=args.tasks_file, base=args.base,
+            finetuned=args.finetuned or (), precision=args.precision,
+            tasks=count, methods=methods, out=out,
+            engine=cluster.actor_engine, workers=cluster.workers, address=cluster.address,
+            device=cluster.device, early_stop=args.early_stop, cache=args.cache,
+            overwrite=args.overwrite, params=params))
+        print(f"T={summary.num_tasks}")
+        print(format_table(summary))
+        print(f"wrote {out}/summary.json, summary.parquet, summary.md "
+              f"({summary.timings_s['total']:.0f} s)")
+        summaries.append(summary)
     from pipeline.history.rows import bench_rows
-    record(args.history, "bench", lambda ctx: bench_rows(ctx, summary))
+    record(args.history, "bench",
+           lambda ctx: [row for s in summaries for row in bench_rows(ctx, s)])
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
+from pipeline.bench.suites.build import bench_task_counts
 from pipeline.engine.config import load_yaml
 from pipeline.errors import InputError
 from pipeline.history.regressions import Regression, Thresholds, detect_regressions
@@ -40,7 +41,8 @@ class NightlyConfig:
     # Task manifests (the users' own tasks), benchmarked like suites; the fine-tuned
     # checkpoints and base come from each manifest.
     tasks_files: list[str] = field(default_factory=list)
-    task_counts: list[int | None] = field(default_factory=lambda: [8])
+    # None: each source's own (standard: the papers' 8, 14, 20; a manifest: all its tasks).
+    task_counts: list[int | None] | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -67,8 +69,8 @@ class NightlyConfig:
                 raise InputError(f"{name} must be a list of names or paths, got {entries!r}")
         if not self.suites and not self.tasks_files:
             raise InputError("nothing to benchmark: give suites or tasks_files")
-        if not self.task_counts or not all(t is None or (isinstance(t, int) and t >= 1)
-                                           for t in self.task_counts):
+        if self.task_counts is not None and (not self.task_counts or not all(
+                t is None or (isinstance(t, int) and t >= 1) for t in self.task_counts)):
             raise InputError(f"task_counts must be positive integers (null: all the suite's "
                              f"tasks), got {self.task_counts!r}")
         if not self.methods:
@@ -119,14 +121,14 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
     run_dir = storage.join(config.work_dir, ctx.run_id)
     log(f"nightly run {ctx.run_id} (commit {ctx.git_commit[:12]}): "
         f"{len(config.suites or []) + len(config.tasks_files)} suite(s) x "
-        f"{len(config.task_counts)} task count(s) x "
+        f"{len(config.task_counts) if config.task_counts else 'default'} task count(s) x "
         f"{len(config.methods)} method(s)")
     rows: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     sources = [(s, None) for s in config.suites or []] + [(None, f) for f in config.tasks_files]
     for suite, tasks_file in sources:
-        for count in config.task_counts:
+        for count in config.task_counts or bench_task_counts(suite, tasks_file):
             name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0] if tasks_file \
                 else os.path.basename(os.path.normpath(str(suite)))
             label = f"{name}-T{count or 'all'}"

@@ -77,6 +77,14 @@ def _orthonormal_columns_polar(u_tasks: torch.Tensor, u_common: torch.Tensor) ->
           svds_per_key=lambda t: t + 3, validate=_validate)
 def iso_cts(deltas: torch.Tensor, *, common_space_fraction: float = 0.8) -> torch.Tensor:
     """Common subspace of the sum + each task's top-p residual directions, then flattened."""
+    polar_u, s_all, polar_vh = iso_cts_subspace(deltas, common_space_fraction)
+    return s_all.mean().to(deltas.dtype) * (polar_u.to(deltas.dtype) @ polar_vh.to(deltas.dtype))
+
+
+def iso_cts_subspace(deltas: torch.Tensor, common_space_fraction: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iso-CTS before its flattening: orthonormal left and right factors of the common and
+    task-specific directions (float64) and the singular values they came with."""
     num_tasks, rows, cols = deltas.shape
     r = min(rows, cols)
     common, per_task = iso_cts_dimensions(r, num_tasks, common_space_fraction)
@@ -106,4 +114,4 @@ def iso_cts(deltas: torch.Tensor, *, common_space_fraction: float = 0.8) -> torc
     else:  # U_c = M V_c / s_c is orthonormal only to Gram accuracy: decompose it all
         polar_u, _ = polar_and_spectrum(torch.cat([u_res, u_c], dim=1))
     polar_vh, _ = polar_and_spectrum(vh_all)
-    return s_all.mean().to(deltas.dtype) * (polar_u.to(deltas.dtype) @ polar_vh.to(deltas.dtype))
+    return polar_u, s_all, polar_vh

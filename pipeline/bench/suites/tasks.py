@@ -193,11 +193,11 @@ def _shapes(split, n, rng, size):
 
 
 def _counting(split, n, rng, size):
-    labels = rng.integers(0, 8, n)  # 1..8 dots
+    labels = rng.integers(0, 5, n)  # 1..5 dots
     images = []
     for label in labels:
         def paint(draw, s, fg, count=int(label) + 1):
-            r = s * rng.uniform(0.035, 0.055)
+            r = s * rng.uniform(0.045, 0.065)
             placed: list[tuple[float, float]] = []
             while len(placed) < count:
                 x, y = rng.uniform(r * 1.5, s - r * 1.5, 2)
@@ -324,11 +324,197 @@ def _roughness(split, n, rng, size):
     return _to_rgb(np.clip(gray, 0, 1)), labels.astype(np.int64)
 
 
+def _all_photos(split: str, n: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """`n` crops (float RGB in [0, 1], (n, S, S, 3)) of every bundled photograph, from its
+    `split` band: the raw material of the image-quality tasks, whose labels are what was done
+    to a crop, not what it shows."""
+    names = _GRAY_PHOTOS + _COLOR_PHOTOS
+    rgb, _ = _photo_crops(names, split, n, rng, size)
+    return rgb.transpose(0, 2, 3, 1).astype(np.float32) / 255.0
+
+
+_BLUR_SIGMAS = (0.0, 0.8, 1.6, 2.8)
+
+
+def _blur(split, n, rng, size):
+    """How blurred a photograph crop is: Gaussian blur of one of four widths (pixels)."""
+    import torch
+    import torch.nn.functional as F
+    labels = rng.integers(0, len(_BLUR_SIGMAS), n)
+    crops = _all_photos(split, n, rng, size)
+    out = np.empty_like(crops)
+    radius = 8
+    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
+    for label, sigma in enumerate(_BLUR_SIGMAS):
+        rows = np.flatnonzero(labels == label)
+        if not len(rows):
+            continue
+        if sigma == 0:
+            out[rows] = crops[rows]
+            continue
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+        k = torch.from_numpy(kernel / kernel.sum())
+        t = torch.from_numpy(crops[rows]).permute(0, 3, 1, 2).reshape(-1, 1, size, size)
+        t = F.pad(t, (radius, radius, radius, radius), mode="reflect")
+        t = F.conv2d(t, k.view(1, 1, 1, -1))
+        t = F.conv2d(t, k.view(1, 1, -1, 1))
+        out[rows] = t.reshape(len(rows), 3, size, size).permute(0, 2, 3, 1).numpy()
+    rgb = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    return rgb.transpose(0, 3, 1, 2).copy(), labels.astype(np.int64)
+
+
+_NOISES = ("clean", "gaussian", "salt-pepper", "speckle", "posterised")
+
+
+def _noise(split, n, rng, size):
+    """Which corruption a photograph crop carries."""
+    labels = rng.integers(0, len(_NOISES), n)
+    img = _all_photos(split, n, rng, size)
+    strength = rng.uniform(0.5, 1.0, n)[:, None, None, None]
+    gaussian = img + rng.normal(0, 0.12, img.shape) * strength
+    flips = (rng.random(img.shape[:3]) < 0.08 * strength[..., 0])[..., None]
+    salt = np.where(flips, (rng.random(img.shape[:3]) < 0.5)[..., None].astype(np.float32),
+                    img)
+    speckle = img * (1 + rng.normal(0, 0.35, img.shape) * strength)
+    levels = rng.integers(2, 4, n)[:, None, None, None]
+    posterised = np.round(img * (levels - 1)) / (levels - 1)
+    choices = np.stack([img, gaussian, salt, speckle, posterised])
+    out = choices[labels, np.arange(n)]
+    rgb = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    return rgb.transpose(0, 3, 1, 2).copy(), labels.astype(np.int64)
+
+
+def _sizes(split, n, rng, size):
+    """How large a disc is: five bins of its radius, as a fraction of the image."""
+    labels = rng.integers(0, 5, n)
+    images = []
+    for label in labels:
+        def paint(draw, s, fg, label=int(label)):
+            r = (0.06 + 0.07 * (label + rng.uniform(0.15, 0.85))) * s
+            cx, cy = rng.uniform(r, s - r, 2)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        images.append(_draw(size, paint, rng))
+    return _to_rgb(np.stack(images)), labels.astype(np.int64)
+
+
+def _arrows(split, n, rng, size):
+    """Which of eight directions an arrow points to."""
+    labels = rng.integers(0, 8, n)
+    images = []
+    for label in labels:
+        def paint(draw, s, fg, label=int(label)):
+            a = (label + rng.uniform(-0.3, 0.3)) * math.pi / 4
+            length = rng.uniform(0.3, 0.45) * s
+            cx, cy = rng.uniform(0.35, 0.65, 2) * s
+            dx, dy = math.cos(a), -math.sin(a)
+            tip = (cx + dx * length / 2, cy + dy * length / 2)
+            tail = (cx - dx * length / 2, cy - dy * length / 2)
+            draw.line([tail, tip], fill=fg, width=max(1, int(s * 0.05)))
+            wing = length * 0.4
+            for side in (-1, 1):
+                b = a + math.pi + side * 0.5
+                draw.polygon([tip, (tip[0] + wing * math.cos(b), tip[1] - wing * math.sin(b)),
+                              (tip[0] + 0.5 * wing * math.cos(a + math.pi),
+                               tip[1] - 0.5 * wing * math.sin(a + math.pi))], fill=fg)
+        images.append(_draw(size, paint, rng))
+    return _to_rgb(np.stack(images)), labels.astype(np.int64)
+
+
+_PATTERNS = ("stripes", "checks", "dots", "zigzag", "rings", "crosshatch")
+
+
+def _patterns(split, n, rng, size):
+    """Which periodic pattern fills the image, at a random scale, angle and phase."""
+    labels = rng.integers(0, len(_PATTERNS), n)
+    x, y = _grid(size)
+    out = []
+    for label in labels:
+        a = rng.uniform(0, math.pi)
+        period = rng.uniform(0.12, 0.25)
+        u = (x * math.cos(a) + y * math.sin(a)) / period + rng.uniform(0, 1)
+        v = (-x * math.sin(a) + y * math.cos(a)) / period + rng.uniform(0, 1)
+        kind = _PATTERNS[label]
+        if kind == "stripes":
+            g = (u % 1) < 0.5
+        elif kind == "checks":
+            g = ((np.floor(u) + np.floor(v)) % 2) == 0
+        elif kind == "dots":
+            g = ((u % 1 - 0.5) ** 2 + (v % 1 - 0.5) ** 2) < 0.09
+        elif kind == "zigzag":
+            g = ((u + 0.5 * np.abs((v % 1) - 0.5)) % 1) < 0.4
+        elif kind == "rings":
+            cx, cy = rng.uniform(0.2, 0.8, 2)
+            g = (np.hypot(x - cx, y - cy) / period * 1.5 % 1) < 0.5
+        else:
+            g = ((u % 1) < 0.25) | ((v % 1) < 0.25)
+        lo, hi = rng.uniform(0, 0.4), rng.uniform(0.6, 1.0)
+        out.append(lo + (hi - lo) * g.astype(np.float32))
+    return _to_rgb(_noisy(np.stack(out), rng, 0.05)), labels.astype(np.int64)
+
+
+def _pie(split, n, rng, size):
+    """How much of a disc is filled: sixths, from one to six, starting at a random angle."""
+    labels = rng.integers(0, 6, n)
+    images = []
+    for label in labels:
+        def paint(draw, s, fg, label=int(label)):
+            r = rng.uniform(0.3, 0.42) * s
+            cx, cy = rng.uniform(r, s - r, 2)
+            start = rng.uniform(0, 360)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(1, int(s / 40)))
+            draw.pieslice([cx - r, cy - r, cx + r, cy + r], start, start + 60 * (label + 1),
+                          fill=fg)
+        images.append(_draw(size, paint, rng))
+    return _to_rgb(np.stack(images)), labels.astype(np.int64)
+
+
+def _colours(split, n, rng, size):
+    """How many distinct hues (one to four) the six squares on a grey background take."""
+    labels = rng.integers(0, 4, n)
+    out = np.empty((n, size, size, 3), np.float32)
+    cells = [(i, j) for i in range(3) for j in range(3)]
+    step = size // 3
+    for k, label in enumerate(labels):
+        hues = (rng.uniform(0, 1) + np.arange(label + 1) / (label + 1)
+                + rng.uniform(-0.04, 0.04, label + 1)) % 1.0
+        pick = np.concatenate([np.arange(label + 1), rng.integers(0, label + 1, 5 - label)])
+        img = np.full((size, size, 3), rng.uniform(0.35, 0.65), np.float32)
+        for cell, h in zip(rng.permutation(len(cells))[:6], hues[rng.permutation(pick)]):
+            i, j = cells[cell]
+            rgb = np.clip(np.abs(((h * 6 + np.array([0, 4, 2])) % 6) - 3) - 1, 0, 1)
+            pad = int(rng.integers(1, 3))
+            img[i * step + pad:(i + 1) * step - pad, j * step + pad:(j + 1) * step - pad] = rgb
+        out[k] = img
+    out = np.clip(out + rng.normal(0, 0.03, out.shape), 0, 1)
+    return np.rint(out * 255).astype(np.uint8).transpose(0, 3, 1, 2).copy(), \
+        labels.astype(np.int64)
+
+
+_ANGLES = (30, 60, 90, 120, 150)
+
+
+def _angles(split, n, rng, size):
+    """The angle between two rays from a common point: five bins of 30 degrees."""
+    labels = rng.integers(0, len(_ANGLES), n)
+    images = []
+    for label in labels:
+        def paint(draw, s, fg, label=int(label)):
+            cx, cy = rng.uniform(0.3, 0.7, 2) * s
+            a = rng.uniform(0, 2 * math.pi)
+            b = a + math.radians(_ANGLES[label] + rng.uniform(-8, 8))
+            length = rng.uniform(0.3, 0.45) * s
+            for t in (a, b):
+                draw.line([(cx, cy), (cx + length * math.cos(t), cy - length * math.sin(t))],
+                          fill=fg, width=max(1, int(s * 0.045)))
+        images.append(_draw(size, paint, rng))
+    return _to_rgb(np.stack(images)), labels.astype(np.int64)
+
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("digits", tuple(str(d) for d in range(10)), "scikit-learn load_digits (real)", _digits),
     Task("textures", _GRAY_PHOTOS, "scikit-image grey photographs, crops (real)", _textures),
     Task("shapes", _SHAPES, "generated", _shapes),
-    Task("counting", tuple(str(c) for c in range(1, 9)), "generated", _counting),
+    Task("counting", tuple(str(c) for c in range(1, 6)), "generated", _counting),
     Task("orientation", tuple(f"{22.5 * i:g}deg" for i in range(8)), "generated", _orientation),
     Task("glyphs", _LETTERS, "generated (Pillow's bundled font)", _glyphs),
     Task("hue", tuple(f"hue{i}" for i in range(8)), "generated", _hue),
@@ -337,6 +523,16 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("photos", _COLOR_PHOTOS, "scikit-image colour photographs, crops (real)", _photos),
     Task("position", tuple(f"cell{i}" for i in range(9)), "generated", _position),
     Task("roughness", tuple(f"beta{b:g}" for b in _SLOPES), "generated", _roughness),
+    Task("blur", tuple(f"sigma{s:g}" for s in _BLUR_SIGMAS),
+         "scikit-image photographs, crops, blurred (real)", _blur),
+    Task("noise", _NOISES, "scikit-image photographs, crops, corrupted (real)", _noise),
+    Task("sizes", tuple(f"size{i}" for i in range(5)), "generated", _sizes),
+    Task("arrows", tuple(f"{45 * i}deg" for i in range(8)), "generated", _arrows),
+    Task("patterns", _PATTERNS, "generated", _patterns),
+    Task("pie", tuple(f"{i}/6" for i in range(1, 7)), "generated", _pie),
+    Task("colours", tuple(f"{i}hue{'s' if i > 1 else ''}" for i in range(1, 5)), "generated",
+         _colours),
+    Task("angles", tuple(f"{a}deg" for a in _ANGLES), "generated", _angles),
 )}
 
 
