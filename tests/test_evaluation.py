@@ -181,6 +181,15 @@ def test_generated_tasks_are_deterministic():
         assert not np.array_equal(a[0], make_split(task, "test", 20, 7, 32)[0]), task
 
 
+def test_every_task_shows_every_class_in_uint8_images():
+    from pipeline.bench.suites.tasks import TASKS, make_split
+    for name, task in TASKS.items():
+        images, labels = make_split(name, "train", 120, 3, 32)
+        assert images.dtype == np.uint8 and images.shape == (len(labels), 3, 32, 32), name
+        assert set(labels.tolist()) == set(range(len(task.classes))), name
+        assert images.std() > 5, name  # not a blank canvas
+
+
 def test_pool_counts_equal_single_process_counts(tiny_suite, ray_cluster):
     path, _, _ = tiny_suite
     tasks = ["digits", "hue"]
@@ -313,7 +322,10 @@ def test_regime_reports_geometry_and_cross_task_accuracy(tiny_suite, tmp_path):
     assert cosine[0, 1] == pytest.approx(float(taus[0] @ taus[1] / taus[0].norm()
                                                / taus[1].norm()), rel=1e-9)
     assert np.allclose(np.diag(cosine), 1) and np.allclose(cosine, cosine.T)
-    for t in tasks:
+    for i, t in enumerate(tasks):
         row = report["tasks"][t]
         assert 0 < row["zero_shot"] < row["finetuned"] <= 1
+        assert report["cross"][i][i] == pytest.approx(row["finetuned"] / row["zero_shot"])
+        others = [report["cross"][i][j] for j in range(3) if j != i]
+        assert row["cross_relative"] == pytest.approx(sum(others) / 2)
         assert 0 <= row["cross_worst"] <= row["cross_relative"]

@@ -28,8 +28,10 @@ class TaskRegime(BaseModel):
     zero_shot: float
     finetuned: float
     tau_norm_ratio: float          # |tau_t| / |theta_0|
-    cross_relative: float          # mean over j != t of acc_t(theta_0 + tau_j) / zero-shot
-    cross_worst: float             # the smallest of those ratios
+    # mean over j != t of acc_t(theta_0 + tau_j) / zero-shot, and the smallest of those ratios
+    # (None where zero-shot accuracy is 0 and the ratio has no meaning)
+    cross_relative: float | None
+    cross_worst: float | None
 
 
 class RegimeReport(BaseModel):
@@ -38,9 +40,12 @@ class RegimeReport(BaseModel):
     order: list[str]               # the tasks in the order the cosine matrix indexes them
     tasks: dict[str, TaskRegime]
     cosine: list[list[float]]      # pairwise cosine of the task vectors, in `order`
+    # cross[t][j]: task t's accuracy with task j's whole vector over its zero-shot accuracy
+    # (the diagonal: fine-tuned over zero-shot), in `order`
+    cross: list[list[float | None]]
     cosine_mean: float             # over pairs j != t
     cosine_max: float
-    cross_relative_mean: float     # over every (t, j != t)
+    cross_relative_mean: float | None  # over every (t, j != t)
 
 
 @dataclass(frozen=True)
@@ -76,34 +81,41 @@ def regime_report(tasks: Sequence[str], geometry: Geometry, zero_shot: dict[str,
                   finetuned: dict[str, float], cross: dict[tuple[str, str], float],
                   split: str) -> RegimeReport:
     """Assemble the report; `cross[(t, j)]` is task t's accuracy with task j's vector."""
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    relative = [[(finetuned[t] if t == j else cross[(t, j)]) / zero_shot[t]
+                 if zero_shot[t] > 0 else None for j in tasks] for t in tasks]
     per_task, ratios = {}, []
     for i, t in enumerate(tasks):
-        mine = [cross[(t, j)] / zero_shot[t] if zero_shot[t] > 0 else math.inf
-                for j in tasks if j != t]
+        mine = [r for j, r in enumerate(relative[i]) if j != i and r is not None]
         ratios += mine
         per_task[t] = TaskRegime(zero_shot=zero_shot[t], finetuned=finetuned[t],
                                  tau_norm_ratio=geometry.norm_ratios[i],
-                                 cross_relative=sum(mine) / len(mine) if mine else 1.0,
-                                 cross_worst=min(mine, default=1.0))
+                                 cross_relative=mean(mine), cross_worst=min(mine, default=None))
     pairs = [geometry.cosine[i][j] for i in range(len(tasks)) for j in range(len(tasks))
              if i != j]
     return RegimeReport(split=split, order=list(tasks), tasks=per_task, cosine=geometry.cosine,
+                        cross=relative,
                         cosine_mean=sum(pairs) / len(pairs) if pairs else 0.0,
                         cosine_max=max(pairs, default=0.0),
-                        cross_relative_mean=sum(ratios) / len(ratios) if ratios else 1.0)
+                        cross_relative_mean=mean(ratios))
 
 
 def format_regime(report: RegimeReport) -> str:
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     lines = [f"regime on the {report.split} split: task-vector cosine mean "
              f"{report.cosine_mean:.3f}, max {report.cosine_max:.3f}; "
              f"acc(task | theta_0 + another task's tau) / zero-shot: mean "
-             f"{report.cross_relative_mean:.2f}",
+             f"{ratio(report.cross_relative_mean)}",
              "| task | zero-shot | fine-tuned | abs(tau)/abs(theta_0) | cross / zero-shot "
              "(mean) | (worst) |",
              "|---|---|---|---|---|---|"]
     for name in report.order:
         t = report.tasks[name]
         lines.append(f"| {name} | {100 * t.zero_shot:.1f} | {100 * t.finetuned:.1f} | "
-                     f"{100 * t.tau_norm_ratio:.2f}% | {t.cross_relative:.2f} | "
-                     f"{t.cross_worst:.2f} |")
+                     f"{100 * t.tau_norm_ratio:.2f}% | {ratio(t.cross_relative)} | "
+                     f"{ratio(t.cross_worst)} |")
     return "\n".join(lines)
