@@ -100,7 +100,6 @@ def add_parsers(sub: Any) -> None:
     _add_recording_options(bench)
     bench.set_defaults(func=cmd_bench)
 
-
     regime = sub.add_parser("regime", help="is merging possible on these fine-tunes? task-vector "
                                            "geometry and cross-task interference")
     _add_suite_options(regime)
