@@ -221,11 +221,11 @@ def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[s
             t0 = time.perf_counter()
             os.makedirs(out.file("tasks"))
             heads = {}
-            for i, t in enumerate(spec.tasks):
+            for t in spec.tasks:
                 images, labels = data[t]["train"]
                 heads[t] = training.zero_shot_head(model, images, labels, len(TASKS[t].classes),
                                                    spec.head_tilt_degrees,
-                                                   seed=spec.seed * 1000 + i + 1)
+                                                   seed=task_seed(spec, t))
                 _write_task(out.file(f"tasks/{t}.safetensors"), t, heads[t], spec.logit_scale,
                             images, labels)
             timings["heads"] = time.perf_counter() - t0
@@ -255,6 +255,11 @@ def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[s
     return meta
 
 
+def task_seed(spec: SuiteSpec, task: str) -> int:
+    """One task's seed (its head's tilt, its fine-tuning), derived from the suite's."""
+    return spec.seed * 1000 + spec.tasks.index(task) + 1
+
+
 def finetune_task(staging: str, spec: SuiteSpec, task: str) -> dict[str, float]:
     """One fine-tuning job (a Ray task when the executor is Ray): theta_0 -> theta_task."""
     torch.set_num_threads(FINETUNE_THREADS)
@@ -262,7 +267,7 @@ def finetune_task(staging: str, spec: SuiteSpec, task: str) -> dict[str, float]:
     with SafetensorsFile(os.path.join(staging, "tasks", f"{task}.safetensors")) as f:
         head, logit_scale = f.read("head"), float(f.metadata["logit_scale"])
         images, labels = f.read("train.images").numpy(), f.read("train.labels").numpy()
-    seed = spec.seed * 1000 + spec.tasks.index(task) + 1
+    seed = task_seed(spec, task)
     losses = training.finetune(model, head, logit_scale, images, labels,
                                spec.finetune_steps, spec.batch, spec.finetune_lr, seed)
     save_model(model, os.path.join(staging, "finetuned", task))
