@@ -295,6 +295,29 @@ def test_bench_runs_each_task_count_into_its_own_directory(tiny_suite, tmp_path,
         with pytest.raises(SystemExit):
             main(["bench", "--suite", path, "--tasks", bad, "--out", str(tmp_path / "x")])
     assert not os.path.exists(tmp_path / "x")
+    # Every count and every output directory is checked before the first count runs.
+    capsys.readouterr()
+    assert main(["bench", "--suite", path, "--tasks", "2,99", "--engine", "local",
+                 "--methods", "average", "--out", str(tmp_path / "y")]) == 2
+    assert "between 1 and" in capsys.readouterr().err
+    os.makedirs(tmp_path / "z" / "T3")
+    assert main(["bench", "--suite", path, "--tasks", "2,3", "--engine", "local",
+                 "--methods", "average", "--out", str(tmp_path / "z")]) == 2
+    assert not os.path.exists(tmp_path / "y") and os.listdir(tmp_path / "z") == ["T3"]
+
+
+def test_bench_task_counts_of_a_built_suite_come_from_its_suite_json(tmp_path):
+    from pipeline.bench.runner import bench_task_counts
+    from pipeline.errors import InputError
+    (tmp_path / "suite.json").write_text(json.dumps(
+        {"tasks": [{"name": f"t{i}"} for i in range(5)], "spec": {"bench_counts": [2, 4]}}))
+    assert bench_task_counts(str(tmp_path), None) == [2, 4]
+    assert bench_task_counts(str(tmp_path), None, [5, 1]) == [5, 1]
+    with pytest.raises(InputError, match="between 1 and 5"):
+        bench_task_counts(str(tmp_path), None, [3, 6])
+    assert bench_task_counts("standard", None) == [8, 14, 20]
+    with pytest.raises(InputError, match="between 1 and 20"):
+        bench_task_counts("standard", None, [21])
 
 
 def test_regime_reports_geometry_and_cross_task_accuracy(tiny_suite, tmp_path):

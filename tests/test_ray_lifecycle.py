@@ -126,6 +126,23 @@ def _wait_for_staging(proc: subprocess.Popen, parent, limit: float = 90.0) -> st
     pytest.fail("no staging directory appeared")
 
 
+def _wait_for_a_finished_file(proc: subprocess.Popen, staging: str, limit: float = 90.0):
+    from pipeline.io.output import DONE_SUFFIX
+    t0 = time.perf_counter()
+    while not any(n.endswith(DONE_SUFFIX) for n in _names(staging)):
+        if proc.poll() is not None or time.perf_counter() - t0 > limit:
+            proc.kill()
+            pytest.fail(f"no file was finished: {proc.communicate()}")
+        time.sleep(0.02)
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 @pytest.fixture(scope="module")
 def slow_example(tmp_path_factory):
     """8 tasks at width 320: seconds of merging on one worker, long enough to interrupt."""
@@ -250,6 +267,7 @@ def test_an_interrupted_merge_says_one_line_keeps_its_work_and_leaves_no_ray(
     argv = _merge_argv(slow_example, tmp_path / "out", "--engine", engine, "--workers", "1")
     proc = _start_cli(argv, tmp_path)
     staging = _wait_for_staging(proc, tmp_path)
+    _wait_for_a_finished_file(proc, staging)  # before it, there is nothing to keep
     session = _session_dir(proc)
     if signum == signal.SIGINT:
         os.killpg(proc.pid, signum)  # Ctrl-C: the terminal signals the whole process group
@@ -389,11 +407,25 @@ def test_sigterm_unwinds_once_and_handlers_come_back():
 def test_staged_output_leaves_the_telling_to_main(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt) as info:
         with open_staged_output(str(tmp_path / "out"), run_key="k") as out:
+            out.write_text("finished.txt", "done")
             raise KeyboardInterrupt
     assert info.value.staging_dir == out.path and os.path.isdir(out.path)
     assert capsys.readouterr().err == ""
     line = interrupts.describe(signal.SIGINT, info.value, resumable=True)
     assert out.path in line and "--resume" in line and "\n" not in line
+
+
+def test_an_interrupt_before_any_finished_file_keeps_no_staging(tmp_path):
+    """Nothing finished, nothing to resume: no empty staging directory is left, and the line
+    says no output file was written instead of pointing at one."""
+    with pytest.raises(KeyboardInterrupt) as info:
+        with open_staged_output(str(tmp_path / "out"), run_key="k") as out:
+            os.makedirs(out.path, exist_ok=True)
+            raise KeyboardInterrupt
+    assert not os.path.exists(out.path) and not os.path.exists(tmp_path / "out")
+    assert getattr(info.value, "staging_dir", None) is None
+    line = interrupts.describe(signal.SIGINT, info.value, resumable=True)
+    assert "before any output file was written" in line
 
 
 def test_startup_seconds_are_in_the_executor_info():

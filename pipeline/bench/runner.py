@@ -8,6 +8,7 @@ runs can be appended to a history and compared.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.bench.suites.build import ensure_suite, shared_suite_dir
+from pipeline.bench.suites.build import ensure_suite, get_spec, shared_suite_dir
 from pipeline.bench.suites.export import MANIFEST_NAME
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import library_versions, run_merge
@@ -130,6 +131,31 @@ class TaskSet:
         return [str(t.finetuned) for t in self.tasks]
 
 
+def bench_task_counts(suite: str | None, tasks_file: str | None,
+                      requested: Sequence[int] | None = None) -> list[int | None]:
+    """The task counts a bench runs, every one checked against the tasks there are before any
+    work (a count too large must not fail after the smaller ones ran). Without `requested`: a
+    built-in suite's own counts (standard: the papers' 8, 14 and 20), named or by its built
+    directory (its suite.json records them); a manifest: all its tasks (None)."""
+    own: Sequence[int] = ()
+    if tasks_file is not None:
+        available, where = len(load_manifest(tasks_file).manifest.tasks), tasks_file
+    elif suite is not None and os.path.isfile(os.path.join(suite, "suite.json")):
+        with open(os.path.join(suite, "suite.json")) as f:
+            meta = json.load(f)
+        available, where = len(meta["tasks"]), suite
+        own = meta["spec"].get("bench_counts") or ()
+    else:
+        spec = get_spec(suite or "standard")
+        available, where, own = len(spec.tasks), f"suite {spec.name!r}", spec.bench_counts
+    for count in requested or ():
+        if not 1 <= count <= available:
+            raise InputError(f"--tasks must be between 1 and {available} for {where}, "
+                             f"got {count}")
+    counts: list[int | None] = list(requested or own) or [None]
+    return counts
+
+
 def open_task_set(suite: str | None = None, tasks_file: str | None = None,
                   count: int | None = None, cache: str | None = None, executor=None,
                   base: str | None = None, finetuned: Sequence[str] | None = None,
@@ -223,6 +249,11 @@ def sweep_task_vector(pool: EvaluationPool, task_vector: str, tasks: Sequence[st
             "stopped_early": search.stopped_early}
 
 
+def refuse_existing_output(out: str, overwrite: bool) -> None:
+    if storage.exists(out) and not overwrite:
+        raise InputError(f"{out}: output already exists (pass --overwrite)")
+
+
 def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> BenchSummary:
     t_start = time.perf_counter()
     methods = [get_method(m) for m in options.methods]  # unknown names fail before any work
@@ -230,8 +261,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> Benc
         if m.kind == "compress":
             raise InputError(f"method {m.name!r} compresses per task; it has no merged model "
                              f"to benchmark")
-    if storage.exists(options.out) and not options.overwrite:
-        raise InputError(f"{options.out}: output already exists (pass --overwrite)")
+    refuse_existing_output(options.out, options.overwrite)
     executor = None
     if options.engine == "ray":
         executor = RayExecutor(options.address, options.workers, device=options.device)

@@ -247,8 +247,14 @@ def cmd_regime(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
-    from pipeline.bench.suites.build import bench_task_counts
+    from pipeline.bench.runner import (
+        DEFAULT_METHODS,
+        BenchOptions,
+        bench_task_counts,
+        format_table,
+        refuse_existing_output,
+        run_bench,
+    )
     from pipeline.engine.config import parse_params
     from pipeline.io import storage
     params: dict[str, dict[str, Any]] = {}
@@ -259,11 +265,15 @@ def cmd_bench(args) -> int:
         params.setdefault(method, {}).update(parse_params([assignment]))
     methods = tuple(m for m in args.methods.split(",") if m) if args.methods else DEFAULT_METHODS
     cluster = cluster_options(vars(args))
-    counts = args.tasks or bench_task_counts(args.suite, args.tasks_file)
+    counts = bench_task_counts(args.suite, args.tasks_file, args.tasks)
+    # Several task counts: one output directory each, T<count>, under --out. All are checked
+    # before the first runs.
+    outs = [args.out] if len(counts) == 1 else \
+        [storage.join(args.out, f"T{count}") for count in counts]
+    for out in outs:
+        refuse_existing_output(out, args.overwrite)
     summaries = []
-    for count in counts:
-        # Several task counts: one output directory each, T<count>, under --out.
-        out = args.out if len(counts) == 1 else storage.join(args.out, f"T{count}")
+    for count, out in zip(counts, outs):
         summary = run_bench(BenchOptions(
             suite=args.suite, tasks_file=args.tasks_file, base=args.base,
             finetuned=args.finetuned or (), precision=args.precision,

@@ -16,8 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pipeline.bench.runner import DEFAULT_METHODS, BenchOptions, format_table, run_bench
-from pipeline.bench.suites.build import bench_task_counts
+from pipeline.bench.runner import (
+    DEFAULT_METHODS,
+    BenchOptions,
+    bench_task_counts,
+    format_table,
+    run_bench,
+)
 from pipeline.engine.config import load_yaml
 from pipeline.errors import InputError
 from pipeline.history.regressions import Regression, Thresholds, detect_regressions
@@ -127,10 +132,20 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
     cells: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     sources = [(s, None) for s in config.suites or []] + [(None, f) for f in config.tasks_files]
+
+    def failed(label: str, exc: Exception) -> None:  # one failed cell must not end the night
+        log(traceback.format_exc())
+        failures.append({"cell": label, "error": f"{type(exc).__name__}: {exc}"})
+
     for suite, tasks_file in sources:
-        for count in config.task_counts or bench_task_counts(suite, tasks_file):
-            name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0] if tasks_file \
-                else os.path.basename(os.path.normpath(str(suite)))
+        name = os.path.splitext(storage.parent_and_name(tasks_file)[1])[0] if tasks_file \
+            else os.path.basename(os.path.normpath(str(suite)))
+        try:
+            counts = config.task_counts or bench_task_counts(suite, tasks_file)
+        except Exception as exc:  # noqa: BLE001
+            failed(f"{name}-T(default)", exc)
+            continue
+        for count in counts:
             label = f"{name}-T{count or 'all'}"
             out = storage.join(run_dir, label)
             log(f"[{label}]")
@@ -141,9 +156,8 @@ def run_nightly(config: NightlyConfig, log: Callable[[str], None] = print) -> Ni
                     engine=config.engine, workers=config.workers, address=config.address,
                     device=config.device, early_stop=config.early_stop, cache=config.cache,
                     params=config.params), log)
-            except Exception as exc:  # noqa: BLE001 - one failed cell must not end the night
-                log(traceback.format_exc())
-                failures.append({"cell": label, "error": f"{type(exc).__name__}: {exc}"})
+            except Exception as exc:  # noqa: BLE001
+                failed(label, exc)
                 continue
             if not config.keep_task_vectors:
                 storage.remove_tree(storage.join(out, "task_vectors"))

@@ -249,11 +249,19 @@ class StagedOutput(abc.ABC):
             return
         if issubclass(exc_type, (InputError, OutputError)):
             self.abort()
+        elif exc is not None and not self._has_finished_files():
+            self.abort()  # stopped before any file was finished: nothing to resume from
         elif exc is not None:
             # Interrupted or crashed: the finished files stay for --resume. main() tells the
             # user where, in its one line, whatever stopped the run.
             with contextlib.suppress(AttributeError):
                 exc.staging_dir = self.path
+
+    def _has_finished_files(self) -> bool:
+        try:
+            return bool(self.staged_names())
+        except OSError:  # cannot tell (an unreachable store): keep it, never delete work
+            return True
 
 
 class LocalOutput(StagedOutput):

@@ -103,14 +103,6 @@ SUITES: dict[str, SuiteSpec] = {
 }
 
 
-def bench_task_counts(suite: str | None, tasks_file: str | None) -> list[int | None]:
-    """The task counts `bench` runs when none are given: a built-in suite's (standard: the
-    papers' 8, 14 and 20), otherwise all tasks (None)."""
-    if tasks_file is None and (suite or "standard") in SUITES:
-        return list(SUITES[suite or "standard"].bench_counts) or [None]
-    return [None]
-
-
 def cache_root() -> str:
     return os.environ.get("MERGE_PIPELINE_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "merge-pipeline"))
