@@ -316,6 +316,9 @@ def test_bench_task_counts_of_a_built_suite_come_from_its_suite_json(tmp_path):
     with pytest.raises(InputError, match="between 1 and 5"):
         bench_task_counts(str(tmp_path), None, [3, 6])
     assert bench_task_counts("standard", None) == [8, 14, 20]
+    (tmp_path / "suite.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a built suite's record"):
+        bench_task_counts(str(tmp_path), None)
     with pytest.raises(InputError, match="between 1 and 20"):
         bench_task_counts("standard", None, [21])
 

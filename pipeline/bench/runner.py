@@ -141,10 +141,14 @@ def bench_task_counts(suite: str | None, tasks_file: str | None,
     if tasks_file is not None:
         available, where = len(load_manifest(tasks_file).manifest.tasks), tasks_file
     elif suite is not None and os.path.isfile(os.path.join(suite, "suite.json")):
-        with open(os.path.join(suite, "suite.json")) as f:
-            meta = json.load(f)
-        available, where = len(meta["tasks"]), suite
-        own = meta["spec"].get("bench_counts") or ()
+        try:
+            with open(os.path.join(suite, "suite.json")) as f:
+                meta = json.load(f)
+            available, own = len(meta["tasks"]), meta["spec"].get("bench_counts") or ()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{suite}/suite.json: not a built suite's record ({exc!r})") \
+                from None
+        where = suite
     else:
         spec = get_spec(suite or "standard")
         available, where, own = len(spec.tasks), f"suite {spec.name!r}", spec.bench_counts

@@ -86,7 +86,7 @@ _STANDARD = SuiteSpec(
     name="standard", tasks=_STANDARD_TASKS,
     model=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=64),
-    sizes=(1500, 300, 600), pretrain_steps=4000, finetune_steps=300, finetune_lr=5e-4,
+    sizes=(1500, 300, 600), pretrain_steps=8000, finetune_steps=300, finetune_lr=5e-4,
     head_tilt_degrees=60.0, bench_counts=(8, 14, 20))
 
 SUITES: dict[str, SuiteSpec] = {
