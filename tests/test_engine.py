@@ -119,17 +119,24 @@ def test_failed_shard_is_retried_and_output_identical(kind, tiny_example, ray_cl
     assert report.method == "iso_cts"
 
 
-def test_injected_fault_without_retry_leaves_no_output(tiny_example, tmp_path):
-    """In-process there is no retry: the run fails, nothing appears at the destination, and
-    only the recognisable staging directory remains (for --resume)."""
+@pytest.mark.parametrize("shard", [0, 1])
+def test_injected_fault_without_retry_leaves_no_output(tiny_example, tmp_path, shard):
+    """In-process there is no retry: the run fails and nothing appears at the destination.
+    The recognisable staging directory remains for --resume only when a shard finished before
+    the fault (shard 1); a fault in the first shard leaves nothing to resume from, and nothing
+    behind."""
     from pipeline.errors import TransientError
     with pytest.raises(TransientError):
         run_merge(MergeConfig(base=tiny_example[0], finetuned=list(tiny_example[1]),
                               method="iso_c", alpha=1.0, out=str(tmp_path / "out"),
                               engine="local"),
-                  fault=Fault(shard=0, kind="raise", marker=str(tmp_path / "m")))
+                  fault=Fault(shard=shard, kind="raise", marker=str(tmp_path / "m")))
     left = sorted(os.listdir(tmp_path))
-    assert len(left) == 2 and left[1] == "m" and ".out.merge-staging-" in left[0]
+    if shard == 0:
+        assert left == ["m"]
+    else:
+        assert len(left) == 2 and left[1] == "m" and ".out.merge-staging-" in left[0]
+        assert os.listdir(tmp_path / left[0])
 
 
 def _tensors_in(obj) -> int:
