@@ -8,7 +8,6 @@ runs can be appended to a history and compared.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.bench.suites.build import ensure_suite, get_spec, shared_suite_dir
+from pipeline.bench.suites.build import (
+    ensure_suite,
+    is_built_suite,
+    shared_suite_dir,
+    suite_task_counts,
+)
 from pipeline.bench.suites.export import MANIFEST_NAME
 from pipeline.engine.config import MergeConfig
 from pipeline.engine.driver import library_versions, run_merge
@@ -140,18 +144,10 @@ def bench_task_counts(suite: str | None, tasks_file: str | None,
     own: Sequence[int] = ()
     if tasks_file is not None:
         available, where = len(load_manifest(tasks_file).manifest.tasks), tasks_file
-    elif suite is not None and os.path.isfile(os.path.join(suite, "suite.json")):
-        try:
-            with open(os.path.join(suite, "suite.json")) as f:
-                meta = json.load(f)
-            available, own = len(meta["tasks"]), meta["spec"].get("bench_counts") or ()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(f"{suite}/suite.json: not a built suite's record ({exc!r})") \
-                from None
-        where = suite
     else:
-        spec = get_spec(suite or "standard")
-        available, where, own = len(spec.tasks), f"suite {spec.name!r}", spec.bench_counts
+        name = suite or "standard"
+        available, own = suite_task_counts(name)
+        where = name if is_built_suite(name) else f"suite {name!r}"
     for count in requested or ():
         if not 1 <= count <= available:
             raise InputError(f"--tasks must be between 1 and {available} for {where}, "

@@ -41,6 +41,7 @@ from pipeline.models.weights import load_state, parameters
 from pipeline.runtime.executors import LocalExecutor
 
 # Bump when the meaning of a spec changes (generators, training code), to invalidate caches.
+SUITE_RECORD = "suite.json"  # written last: a directory with it is a whole suite
 SUITE_FORMAT = 4  # 2: transformers' CLIPVisionModelWithProjection; 3: exported manifest;
 # 4: the papers' regime (coarse-caption pre-training, tilted heads, gentle fine-tuning)
 # Training runs with fixed thread counts so that a build is reproducible on a machine:
@@ -120,6 +121,26 @@ def get_spec(name: str) -> SuiteSpec:
                          f"{', '.join(sorted(SUITES))}") from None
 
 
+def is_built_suite(directory: str) -> bool:
+    """A built suite's directory: its record is written last, so its presence means whole."""
+    return os.path.isfile(os.path.join(directory, SUITE_RECORD))
+
+
+def suite_task_counts(name_or_dir: str) -> tuple[int, tuple[int, ...]]:
+    """(its number of tasks, the task counts it benches by default) for a built-in suite's
+    name or a built suite's directory (from its record), without building anything."""
+    if not is_built_suite(name_or_dir):
+        spec = get_spec(name_or_dir)
+        return len(spec.tasks), spec.bench_counts
+    try:
+        with open(os.path.join(name_or_dir, SUITE_RECORD)) as f:
+            meta = json.load(f)
+        return len(meta["tasks"]), tuple(meta["spec"].get("bench_counts") or ())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{name_or_dir}/{SUITE_RECORD}: not a built suite's record "
+                         f"({exc!r})") from None
+
+
 def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
                  log=print) -> str:
     """The directory of a built suite: a path to one, or a built-in name (built if needed).
@@ -131,19 +152,19 @@ def ensure_suite(name_or_dir: str, root: str | None = None, executor=None,
     Evaluation and bench merges read the shared copy (`shared_suite_dir`), which every node
     reaches.
     """
-    if os.path.isfile(os.path.join(name_or_dir, "suite.json")):
+    if is_built_suite(name_or_dir):
         return name_or_dir
     spec = get_spec(name_or_dir)
     if root is not None and storage.is_uri(root):
         return _through_shared_cache(spec, root, executor, log)
     final = suite_dir(spec, root)
-    if os.path.isfile(os.path.join(final, "suite.json")):
+    if is_built_suite(final):
         return final
     log(f"building suite {spec.name!r} ({len(spec.tasks)} tasks) into {final}")
     try:
         build_suite(spec, final, executor, log)
     except InputError as exc:
-        if os.path.isfile(os.path.join(final, "suite.json")):  # a concurrent builder won
+        if is_built_suite(final):  # a concurrent builder won
             return final
         raise exc
     return final
@@ -154,7 +175,7 @@ def shared_suite_dir(name_or_dir: str, root: str | None) -> str | None:
     cache or a suite given by its directory. Evaluation reads the suite from there, so every
     node of a cluster without a shared filesystem reaches the same files."""
     if root is None or not storage.is_uri(root) or \
-            os.path.isfile(os.path.join(name_or_dir, "suite.json")):
+            is_built_suite(name_or_dir):
         return None
     return storage.join(storage.join(root, "suites"),
                         os.path.basename(suite_dir(get_spec(name_or_dir))))
@@ -163,18 +184,18 @@ def shared_suite_dir(name_or_dir: str, root: str | None) -> str | None:
 def _through_shared_cache(spec: SuiteSpec, root: str, executor, log) -> str:
     local = suite_dir(spec)
     shared = str(shared_suite_dir(spec.name, root))
-    shared_has_it = storage.exists(storage.join(shared, "suite.json"))
-    if not os.path.isfile(os.path.join(local, "suite.json")):
+    shared_has_it = storage.exists(storage.join(shared, SUITE_RECORD))
+    if not is_built_suite(local):
         if shared_has_it:
             log(f"fetching suite {spec.name!r} from {shared}")
-            with open_staged_output(local, overwrite=True, commit_point="suite.json") as out:
+            with open_staged_output(local, overwrite=True, commit_point=SUITE_RECORD) as out:
                 storage.copy_tree(shared, out.path)
                 out.commit()
         else:
             ensure_suite(spec.name, None, executor, log)
     if not shared_has_it:
         log(f"uploading suite {spec.name!r} to {shared}")
-        with open_staged_output(shared, overwrite=True, commit_point="suite.json") as out:
+        with open_staged_output(shared, overwrite=True, commit_point=SUITE_RECORD) as out:
             storage.copy_tree(local, out.path)
             out.commit()
     return local
@@ -242,7 +263,7 @@ def build_suite(spec: SuiteSpec, final: str, executor=None, log=print) -> dict[s
                            "finetune_final_loss": r["final_loss"]}
                           for t, r in zip(spec.tasks, results)],
                 "timings_s": timings}
-        out.write_json("suite.json", meta)
+        out.write_json(SUITE_RECORD, meta)
         out.commit()
     return meta
 
